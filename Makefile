@@ -1,0 +1,53 @@
+# segapp: every set-up step a fresh Debian machine needs, then the command.
+#   make serve   the whole stack (nginx -> uWSGI -> segapp) on http://127.0.0.1:8080 with the shipped model
+#   make test    the whole test suite, integration tests through real uWSGI + nginx included
+#   make train   retrain the shipped demonstration model (synthetic scenes) into segapp/models
+#   make eval    measure the shipped model on the held-out synthetic test split
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# root installs Debian packages directly; anyone else through sudo.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+EXTRAS ?= tensorflow,serve,bench,test
+PYTEST_ARGS ?=
+
+.PHONY: venv nginx wrk serve test train eval bench lint clean
+
+# The venv is rebuilt when the package's requirements change.
+$(BIN)/.installed-$(EXTRAS): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
+	rm -f $(BIN)/.installed-*
+	touch $@
+
+venv: $(BIN)/.installed-$(EXTRAS)
+
+# nginx from Debian's packages when it is missing. policy-rc.d stops the package from starting a system nginx on
+# port 80: segapp runs its own, unprivileged, from nginx/nginx.conf.
+nginx:
+	@PATH="$$PATH:/usr/sbin:/sbin" command -v nginx >/dev/null || { \
+	  echo "installing nginx from Debian's packages"; \
+	  printf '#!/bin/sh\nexit 101\n' | $(SUDO) tee /usr/sbin/policy-rc.d >/dev/null; $(SUDO) chmod +x /usr/sbin/policy-rc.d; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nginx >/dev/null; \
+	  status=$$?; $(SUDO) rm -f /usr/sbin/policy-rc.d; exit $$status; }
+
+wrk:
+	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq wrk >/dev/null; }
+
+test: venv nginx
+	$(BIN)/ruff check segapp tests bench
+	PATH="$$PATH:/usr/sbin:/sbin" $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+train: venv
+	$(BIN)/segapp-train --data synthetic --epochs 30 --out segapp/models
+
+eval: venv
+	$(BIN)/segapp-eval --model segapp/models/unet.tflite --data synthetic --count 500
+
+lint: venv
+	$(BIN)/ruff check segapp tests bench
+
+clean:
+	rm -rf $(VENV) run .pytest_cache .ruff_cache build *.egg-info

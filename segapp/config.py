@@ -1,0 +1,96 @@
+"""Settings: one frozen dataclass, built once from SEGAPP_* environment variables.
+
+No other module reads os.environ for its own settings; they are handed a `Settings`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from segapp.inference import SHIPPED_MODEL
+
+FORMATS = ("png", "json", "overlay")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value segapp cannot use; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """segapp's settings. Each field's environment variable is SEGAPP_ + its name in upper case."""
+
+    model: Path = SHIPPED_MODEL
+    """SEGAPP_MODEL: the model file (.tflite for LiteRT, .keras or a SavedModel folder for TensorFlow); its card is
+    the .json beside it. Default: the shipped demonstration model."""
+    threads: int = 1
+    """SEGAPP_THREADS: engine threads per worker. Workers x threads should equal the cores."""
+    route: str = "/infer"
+    """SEGAPP_ROUTE: the path that takes POSTed images (the seed project's APP_ROOT)."""
+    max_body_bytes: int = 10 * 1024 * 1024
+    """SEGAPP_MAX_BODY_BYTES: larger request bodies get 413 before they are read. Keep nginx's
+    client_max_body_size equal."""
+    max_pixels: int = 40_000_000
+    """SEGAPP_MAX_PIXELS: larger images get 413 from their header, before they are decoded."""
+    default_format: str = "png"
+    """SEGAPP_DEFAULT_FORMAT: the answer when the client states no preference: png, json or overlay."""
+    log_level: str = "INFO"
+    """SEGAPP_LOG_LEVEL: level of the segapp loggers."""
+    engine_delay_ms: int = 0
+    """SEGAPP_ENGINE_DELAY_MS: test only; sleep this long in every inference to exercise timeouts. Keep 0."""
+
+    def __post_init__(self):
+        problems = {
+            "threads": self.threads < 1,
+            "route": not self.route.startswith("/") or self.route in ("/healthz", "/readyz", "/metrics", "/v1/model"),
+            "max_body_bytes": self.max_body_bytes < 1,
+            "max_pixels": self.max_pixels < 1,
+            "default_format": self.default_format not in FORMATS,
+            "log_level": self.log_level not in LOG_LEVELS,
+            "engine_delay_ms": self.engine_delay_ms < 0,
+        }
+        for name, bad in problems.items():
+            if bad:
+                raise SettingsError(f"{env_name(name)}={getattr(self, name)!r} is not valid: {_HINTS[name]}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Settings from SEGAPP_* variables of `environ` (default: the process environment); unset ones keep defaults."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            raw = environ.get(env_name(f.name))
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(f.name, f.type, raw.strip())
+        return cls(**values)
+
+
+_HINTS = {
+    "threads": "a whole number of at least 1",
+    "route": "a path beginning with / that is not one of the service's own routes",
+    "max_body_bytes": "a whole number of bytes of at least 1",
+    "max_pixels": "a whole number of at least 1",
+    "default_format": "one of " + ", ".join(FORMATS),
+    "log_level": "one of " + ", ".join(LOG_LEVELS),
+    "engine_delay_ms": "a whole number of milliseconds, 0 or more",
+}
+
+
+def env_name(field_name: str) -> str:
+    return "SEGAPP_" + field_name.upper()
+
+
+def _parse(name: str, kind: str, raw: str):
+    if kind == "int":
+        try:
+            return int(raw.replace("_", ""))
+        except ValueError:
+            raise SettingsError(f"{env_name(name)}={raw!r} is not valid: {_HINTS[name]}") from None
+    if kind == "Path":
+        return Path(raw)
+    return raw.upper() if name == "log_level" else raw

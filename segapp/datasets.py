@@ -1,0 +1,172 @@
+"""Training data: synthetic scenes, the Oxford-IIIT Pet folder as downloaded, and plain images/ + masks/ folders.
+
+Each source yields (RGB uint8 HxWx3, trimap uint8 HxW) pairs at their own size; `pipeline` turns any of them into
+the same batched tf.data stream at the network's input size. Images are decoded with `segapp.imaging.decode_image`,
+the server's own decoder, so training sees pixels exactly as serving does (EXIF orientation, any mode to RGB).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from segapp import scenes
+from segapp.imaging import ImageError, decode_image
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+_MAX_PIXELS = 100_000_000
+
+
+class DatasetError(ValueError):
+    """A dataset folder is missing, malformed or empty; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One labelled image: where it came from, and how to load it."""
+
+    name: str
+    image_path: Path | None = None
+    mask_path: Path | None = None
+    mask_offset: int = 0  # subtracted from stored mask values (Oxford's trimaps are 1/2/3)
+
+    def load(self) -> tuple[np.ndarray, np.ndarray]:
+        pixels = decode_image(self.image_path.read_bytes(), _MAX_PIXELS).pixels
+        with Image.open(self.mask_path) as mask_image:
+            mask = np.asarray(mask_image.convert("L") if mask_image.mode not in ("L", "P") else mask_image)
+        mask = mask.astype(np.int16) - self.mask_offset
+        if mask.shape != pixels.shape[:2]:
+            raise DatasetError(f"{self.mask_path}: mask is {mask.shape[::-1]}, image is {pixels.shape[1::-1]}")
+        if mask.min() < 0 or mask.max() > 2:
+            raise DatasetError(f"{self.mask_path}: mask values must be classes 0-2 after offset {self.mask_offset}")
+        return pixels, mask.astype(np.uint8)
+
+
+def synthetic(split: str, count: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """`count` synthetic scenes of a split ('train', 'val' or 'test'), always the same ones."""
+    seed = scenes.SPLIT_SEEDS[split]
+    for index in range(count):
+        yield scenes.scene(seed, index)
+
+
+def synthetic_at(split: str, count: int, size: int, workers: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """`count` synthetic scenes of a split resized to `size` square, generated on `workers` processes.
+
+    Returns (N x size x size x 3 uint8, N x size x size uint8); resizing matches `pipeline`
+    (area-aware bilinear for images, nearest for masks).
+    """
+    seed = scenes.SPLIT_SEEDS[split]
+    jobs = [(seed, index, size) for index in range(count)]
+    if workers > 1 and count > 8:
+        with ProcessPoolExecutor(workers) as pool:
+            pairs = list(pool.map(_scene_at, jobs, chunksize=16))
+    else:
+        pairs = [_scene_at(job) for job in jobs]
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
+def _scene_at(job: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    seed, index, size = job
+    image, mask = scenes.scene(seed, index)
+    return resize_pair(image, mask, size)
+
+
+def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Resize an image (bilinear, area-aware) and its mask (nearest) to `size` square."""
+    resized = np.asarray(Image.fromarray(image, "RGB").resize((size, size), Image.BILINEAR))
+    resized_mask = np.asarray(Image.fromarray(mask, "L").resize((size, size), Image.NEAREST))
+    return resized, resized_mask
+
+
+def oxford_pets(root: str | Path, split: str = "trainval") -> list[Sample]:
+    """The Oxford-IIIT Pet folder as downloaded: images/*.jpg, annotations/trimaps/*.png, annotations/{split}.txt.
+
+    Trimap values 1/2/3 (pet, background, border) become classes 0/1/2. Images listed in the split file whose
+    image or trimap is missing are skipped; an empty result is an error.
+    """
+    root = Path(root)
+    images, trimaps = root / "images", root / "annotations" / "trimaps"
+    split_file = root / "annotations" / f"{split}.txt"
+    for needed in (images, trimaps, split_file):
+        if not needed.exists():
+            raise DatasetError(
+                f"{root} is not an Oxford-IIIT Pet folder: {needed} is missing "
+                "(expected images/, annotations/trimaps/ and annotations/trainval.txt, test.txt)"
+            )
+    samples = []
+    for line in split_file.read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        stem = line.split()[0]
+        image, trimap = images / f"{stem}.jpg", trimaps / f"{stem}.png"
+        if image.exists() and trimap.exists():
+            samples.append(Sample(stem, image, trimap, mask_offset=1))
+    if not samples:
+        raise DatasetError(f"{split_file} lists no image that has both images/<name>.jpg and a trimap")
+    return samples
+
+
+def image_mask_folders(root: str | Path) -> list[Sample]:
+    """A folder with images/ and masks/ whose files share stems; mask pixel values are classes 0/1/2."""
+    root = Path(root)
+    images, masks = root / "images", root / "masks"
+    if not images.is_dir() or not masks.is_dir():
+        raise DatasetError(f"{root} must hold images/ and masks/ folders with matching file names")
+    mask_by_stem = {p.stem: p for p in masks.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    samples = [
+        Sample(p.stem, p, mask_by_stem[p.stem])
+        for p in sorted(images.iterdir())
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.stem in mask_by_stem
+    ]
+    if not samples:
+        raise DatasetError(f"{root}: no image in images/ has a mask of the same name in masks/")
+    return samples
+
+
+def folder_samples(root: str | Path, split: str) -> list[Sample]:
+    """Whichever folder layout `root` has: Oxford-IIIT Pet ('train' reads trainval.txt) or images/ + masks/."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root} is not a folder")
+    if (root / "annotations").is_dir():
+        return oxford_pets(root, "trainval" if split in ("train", "val") else "test")
+    return image_mask_folders(root)
+
+
+def load_samples(samples: list[Sample], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Load and resize every sample; a sample that fails to load is reported with its name."""
+    images, masks = [], []
+    for sample in samples:
+        try:
+            image, mask = sample.load()
+        except (ImageError, OSError) as exc:
+            raise DatasetError(f"{sample.image_path}: {exc}") from exc
+        image, mask = resize_pair(image, mask, size)
+        images.append(image)
+        masks.append(mask)
+    return np.stack(images), np.stack(masks)
+
+
+def pipeline(images: np.ndarray, masks: np.ndarray, batch_size: int, training: bool, seed: int = 0):
+    """The tf.data stream for training or validation: [0, 1] float images, flips when training, batched."""
+    import tensorflow as tf
+
+    dataset = tf.data.Dataset.from_tensor_slices((images, masks))
+    if training:
+        dataset = dataset.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+
+    def prepare(image, mask):
+        image = tf.cast(image, tf.float32) / 255.0
+        mask = mask[..., None]
+        if training:
+            flip = tf.random.uniform(()) < 0.5
+            image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
+            mask = tf.cond(flip, lambda: tf.image.flip_left_right(mask), lambda: mask)
+        return image, mask
+
+    return dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE)

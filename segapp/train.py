@@ -1,0 +1,213 @@
+"""Training, evaluation and export: the console scripts segapp-train and segapp-eval.
+
+    segapp-train --data synthetic --epochs 30 --out segapp/models
+    segapp-train --data ~/datasets/oxford-iiit-pet --epochs 40 --width half --out models/pets
+    segapp-eval --model segapp/models/unet.tflite --data synthetic
+
+segapp-train writes DIR/unet.keras (no optimizer state), DIR/unet.tflite (LiteRT) and DIR/unet.json (the card,
+with the quality measured in inference mode on the held-out test split, through the same Segmenter the server uses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from segapp import datasets, evaluation, unet
+from segapp.imaging import CLASS_NAMES, PALETTE
+from segapp.inference import Segmenter
+
+MODEL_NAME = "segapp-unet"
+
+
+def load_split(data: str, split: str, count: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images and masks of a split at `size`: synthetic scenes, or a folder split 90/10 into train and val."""
+    if data == "synthetic":
+        return datasets.synthetic_at(split, count, size)
+    samples = datasets.folder_samples(data, split)
+    if split in ("train", "val"):
+        # Every tenth image validates: deterministic, and spread over the whole folder.
+        samples = [s for i, s in enumerate(samples) if (i % 10 == 0) == (split == "val")]
+    return datasets.load_samples(samples[:count] if count else samples, size)
+
+
+def test_pairs(data: str, count: int):
+    """(image, label) pairs of the test split at their own resolution."""
+    if data == "synthetic":
+        return datasets.synthetic("test", count)
+    samples = datasets.folder_samples(data, "test")
+    return (sample.load() for sample in (samples[:count] if count else samples))
+
+
+def train(args) -> dict:
+    """Train, keep the weights of the best validation mIoU, export the three artefacts, evaluate; returns the card."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    size = unet.INPUT_SIZE
+
+    print(f"loading data: {args.data}", flush=True)
+    train_images, train_masks = load_split(args.data, "train", args.train_count, size)
+    val_images, val_masks = load_split(args.data, "val", args.val_count, size)
+    print(f"train {len(train_images)} images, val {len(val_images)} images", flush=True)
+
+    alpha, filters = unet.WIDTHS[args.width]
+    model = unet.build_unet(alpha, filters, bn_momentum=args.bn_momentum)
+    steps = max(1, -(-len(train_images) // args.batch_size))
+    schedule = keras.optimizers.schedules.CosineDecay(
+        args.learning_rate * 0.1, decay_steps=steps * args.epochs, warmup_target=args.learning_rate,
+        warmup_steps=min(steps, 200), alpha=0.02,
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(schedule),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.MeanIoU(len(CLASS_NAMES), sparse_y_true=True, sparse_y_pred=False, name="miou")],
+        jit_compile=False,  # XLA made each step 4-6x slower on this 2-core CPU (measured)
+    )
+    weights_mask = np.where(train_masks == CLASS_NAMES.index("border"), args.border_weight, 1.0).astype(np.float32)
+    train_stream = (
+        tf.data.Dataset.from_tensor_slices((train_images, train_masks, weights_mask))
+        .shuffle(len(train_images), seed=args.seed)
+        .map(_augment, num_parallel_calls=tf.data.AUTOTUNE)
+        .batch(args.batch_size)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    val_stream = datasets.pipeline(val_images, val_masks, args.batch_size, training=False)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        best = Path(scratch) / "best.weights.h5"
+        callbacks = [
+            keras.callbacks.ModelCheckpoint(str(best), monitor="val_miou", mode="max", save_best_only=True, save_weights_only=True),
+            keras.callbacks.EarlyStopping(monitor="val_miou", mode="max", patience=args.patience),
+        ]
+        started = time.perf_counter()
+        history = model.fit(train_stream, validation_data=val_stream, epochs=args.epochs, callbacks=callbacks, verbose=args.verbose)
+        seconds = time.perf_counter() - started
+        model.load_weights(str(best))
+
+    epochs_run = len(history.history["loss"])
+    best_val = float(max(history.history["val_miou"]))
+    export(model, out)
+    card = {
+        "name": MODEL_NAME,
+        "version": args.model_version,
+        "description": "U-Net (MobileNetV2 encoder) for trimap segmentation; "
+        + ("a demonstration model trained on synthetic scenes" if args.data == "synthetic" else f"trained on {args.data}"),
+        "classes": list(CLASS_NAMES),
+        "palette": [list(c) for c in PALETTE],
+        "input_size": [size, size],
+        "normalisation": "RGB / 255, in [0, 1]; resized with area-aware bilinear filtering",
+        "architecture": {"encoder": "MobileNetV2", "alpha": alpha, "decoder_filters": list(filters), "width": args.width,
+                         "bn_momentum": args.bn_momentum},
+        "parameters": int(model.count_params()),
+        "training": {
+            "data": args.data, "train_images": int(len(train_images)), "val_images": int(len(val_images)),
+            "epochs": epochs_run, "epochs_max": args.epochs, "batch_size": args.batch_size,
+            "learning_rate": args.learning_rate, "border_loss_weight": args.border_weight, "seed": args.seed,
+            "seconds": round(seconds, 1), "best_val_miou_128px": round(best_val, 4),
+        },
+        "files": {name: (out / name).stat().st_size for name in ("unet.keras", "unet.tflite")},
+        "width_trade_off": WIDTH_TRADE_OFF,
+    }
+    (out / "unet.json").write_text(json.dumps(card, indent=2) + "\n")
+    if args.test_count:
+        print(f"evaluating on {args.test_count} held-out test images at their own resolution", flush=True)
+        card["quality"] = measure(out / "unet.tflite", args.data, args.test_count)
+        (out / "unet.json").write_text(json.dumps(card, indent=2) + "\n")
+        print(evaluation.format_table(card["quality"]))
+    print(f"wrote {out}/unet.keras, unet.tflite, unet.json in {seconds:.0f} s of training", flush=True)
+    return card
+
+
+# Measured by the model issue with LiteRT, one thread, one core each, on this project's 2-core machine.
+WIDTH_TRADE_OFF = [
+    {"width": "full", "alpha": 1.0, "decoder_filters": [512, 256, 128, 64], "parameters": 6.5e6, "tflite_mb": 24.6, "ms_per_image": 37},
+    {"width": "half", "alpha": 0.5, "decoder_filters": [256, 128, 64, 32], "parameters": 1.67e6, "tflite_mb": 6.3, "ms_per_image": 9.8},
+    {"width": "slim", "alpha": 0.35, "decoder_filters": [128, 64, 32, 16], "parameters": 0.63e6, "tflite_mb": 2.4, "ms_per_image": 3.7},
+]
+
+
+def _augment(image, mask, weight):
+    import tensorflow as tf
+
+    image = tf.cast(image, tf.float32) / 255.0
+    mask, weight = mask[..., None], weight[..., None]
+    if tf.random.uniform(()) < 0.5:
+        image, mask, weight = tf.image.flip_left_right(image), tf.image.flip_left_right(mask), tf.image.flip_left_right(weight)
+    return image, mask, weight
+
+
+def export(model, out: Path) -> None:
+    """Write unet.keras without optimizer state and unet.tflite for LiteRT (float32, batch dimension dynamic)."""
+    import keras
+    import tensorflow as tf
+
+    plain = keras.models.clone_model(model)
+    plain.set_weights(model.get_weights())
+    plain.save(out / "unet.keras")
+    spec = tf.TensorSpec([None, unet.INPUT_SIZE, unet.INPUT_SIZE, 3], tf.float32, name="image")
+    concrete = tf.function(lambda x: plain(x, training=False)).get_concrete_function(spec)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], plain)
+    (out / "unet.tflite").write_bytes(converter.convert())
+
+
+def measure(model_path: Path, data: str, count: int) -> dict:
+    """Quality of a model in inference mode, through the serving Segmenter, at the labels' own resolution."""
+    segmenter = Segmenter(model_path).load()
+    result = evaluation.evaluate(segmenter.segment_pixels, test_pairs(data, count))
+    return {**result, "data": f"{data} test split", "engine": segmenter.card["engine"]}
+
+
+def _parser_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default="synthetic", help="'synthetic', an Oxford-IIIT Pet folder, or a folder with images/ and masks/")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="segapp-train", description="Train the U-Net and write unet.keras, unet.tflite, unet.json.")
+    _parser_common(parser)
+    parser.add_argument("--out", default="segapp/models", help="output folder (default: segapp/models)")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--width", choices=sorted(unet.WIDTHS), default="slim", help="network width (see unet.WIDTHS)")
+    parser.add_argument("--learning-rate", type=float, default=3e-3)
+    parser.add_argument("--bn-momentum", type=float, default=0.9)
+    parser.add_argument("--border-weight", type=float, default=1.5, help="loss weight of border pixels")
+    parser.add_argument("--train-count", type=int, default=3000, help="synthetic: scenes; folder: at most this many (0: all)")
+    parser.add_argument("--val-count", type=int, default=300)
+    parser.add_argument("--test-count", type=int, default=500, help="test images for the card's quality (0: skip)")
+    parser.add_argument("--patience", type=int, default=6, help="epochs without a better val mIoU before stopping")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model-version", default="1.0.0")
+    parser.add_argument("--verbose", type=int, default=1, help="Keras fit verbosity: 1 progress bar, 2 a line per epoch")
+    args = parser.parse_args(argv)
+    try:
+        train(args)
+    except datasets.DatasetError as exc:
+        print(f"segapp-train: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def eval_main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="segapp-eval", description="Per-class IoU, mIoU and pixel accuracy of a model.")
+    _parser_common(parser)
+    parser.add_argument("--model", required=True, help="a .tflite, .keras or SavedModel path")
+    parser.add_argument("--count", type=int, default=500, help="test images (0: the whole folder split)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    try:
+        result = measure(Path(args.model), args.data, args.count)
+    except (datasets.DatasetError, FileNotFoundError, ValueError) as exc:
+        print(f"segapp-eval: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2) if args.json else evaluation.format_table(result))
+    return 0
