@@ -26,10 +26,10 @@ def scores(matrix: np.ndarray) -> dict:
     matrix = matrix.astype(np.float64)
     true_positive = np.diag(matrix)
     union = matrix.sum(axis=0) + matrix.sum(axis=1) - true_positive
-    iou = [float(tp / u) if u > 0 else None for tp, u in zip(true_positive, union)]
+    iou = [float(tp / u) if u > 0 else None for tp, u in zip(true_positive, union, strict=True)]
     present = [v for v in iou if v is not None]
     return {
-        "per_class_iou": dict(zip(CLASS_NAMES, iou)),
+        "per_class_iou": dict(zip(CLASS_NAMES, iou, strict=True)),
         "miou": float(np.mean(present)) if present else 0.0,
         "pixel_accuracy": float(true_positive.sum() / max(matrix.sum(), 1)),
     }

@@ -20,6 +20,11 @@ PALETTE = ((230, 25, 75), (0, 0, 0), (255, 225, 25))
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION_TAG = 0x0112
 
+# decode_image checks every image's pixel count against the service's own limit before decoding it; Pillow's
+# process-wide check (a warning above 89 megapixels, an error above 179) would only fire first with a vaguer
+# message, or warn for a limit set higher on purpose.
+Image.MAX_IMAGE_PIXELS = None
+
 
 class ImageError(ValueError):
     """The bytes are not an image this service can segment. `code` names the reason for clients."""

@@ -131,7 +131,13 @@ class Segmenter:
     is true. Pass `engine` to use one already built (tests pass fakes).
     """
 
-    def __init__(self, model_path: str | Path = SHIPPED_MODEL, threads: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS, engine=None):
+    def __init__(
+        self,
+        model_path: str | Path = SHIPPED_MODEL,
+        threads: int = 1,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        engine=None,
+    ):
         self.model_path = Path(model_path)
         self.threads = threads
         self.max_pixels = max_pixels
@@ -166,7 +172,11 @@ class Segmenter:
         inferred_at = time.perf_counter()
         mask = upsample_argmax(logits, decoded.width, decoded.height)
         done = time.perf_counter()
-        timings = {"decode": decoded_at - started, "infer": inferred_at - decoded_at, "postprocess": done - inferred_at}
+        timings = {
+            "decode": decoded_at - started,
+            "infer": inferred_at - decoded_at,
+            "postprocess": done - inferred_at,
+        }
         return Segmentation(mask=mask, pixels=decoded.pixels, timings=timings)
 
     def segment_pixels(self, pixels: np.ndarray) -> np.ndarray:
@@ -188,7 +198,11 @@ def upsample_argmax(logits: np.ndarray, width: int, height: int) -> np.ndarray:
     if logits.shape[1] == width and logits.shape[0] == height:
         return np.argmax(logits, axis=-1).astype(np.uint8)
     planes = [
-        np.asarray(Image.fromarray(np.ascontiguousarray(logits[..., c], dtype=np.float32), "F").resize((width, height), Image.BILINEAR))
+        np.asarray(
+            Image.fromarray(np.ascontiguousarray(logits[..., c], dtype=np.float32), "F").resize(
+                (width, height), Image.BILINEAR
+            )
+        )
         for c in range(logits.shape[-1])
     ]
     return np.argmax(np.stack(planes, axis=-1), axis=-1).astype(np.uint8)

@@ -28,7 +28,9 @@ def scene(seed: int, index: int, size: tuple[int, int] | None = None) -> tuple[n
     if size is None:
         short = int(rng.integers(96, 481))
         aspect = float(np.exp(rng.uniform(np.log(0.6), np.log(1.7))))
-        width, height = (min(640, round(short * aspect)), short) if aspect >= 1 else (short, min(640, round(short / aspect)))
+        width, height = (
+            (min(640, round(short * aspect)), short) if aspect >= 1 else (short, min(640, round(short / aspect)))
+        )
     else:
         width, height = size
 
@@ -94,7 +96,7 @@ def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray
 def _polygon_points(rng: np.random.Generator, cx: float, cy: float, radius: float, sides: int, wobble: float):
     angles = np.sort(rng.uniform(0, 2 * np.pi, size=sides))
     radii = radius * rng.uniform(1 - wobble, 1, size=sides)
-    return [(cx + r * np.cos(t), cy + r * np.sin(t)) for r, t in zip(radii, angles)]
+    return [(cx + r * np.cos(t), cy + r * np.sin(t)) for r, t in zip(radii, angles, strict=True)]
 
 
 def _draw(width: int, height: int, paint) -> np.ndarray:
@@ -114,12 +116,15 @@ def _object_shape(rng: np.random.Generator, width: int, height: int) -> np.ndarr
         r = np.ones_like(theta)
         for k in range(2, 6):
             r += rng.uniform(0, 0.25 / k * 2) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
-        pts = [(cx + radius * ri * np.cos(t), cy + radius * ri * np.sin(t)) for ri, t in zip(r, theta)]
+        pts = [(cx + radius * ri * np.cos(t), cy + radius * ri * np.sin(t)) for ri, t in zip(r, theta, strict=True)]
     elif kind == "ellipse":
         a, b, rot = radius, radius * rng.uniform(0.4, 1.0), rng.uniform(0, np.pi)
         theta = np.linspace(0, 2 * np.pi, 64, endpoint=False)
         pts = [
-            (cx + a * np.cos(t) * np.cos(rot) - b * np.sin(t) * np.sin(rot), cy + a * np.cos(t) * np.sin(rot) + b * np.sin(t) * np.cos(rot))
+            (
+                cx + a * np.cos(t) * np.cos(rot) - b * np.sin(t) * np.sin(rot),
+                cy + a * np.cos(t) * np.sin(rot) + b * np.sin(t) * np.cos(rot),
+            )
             for t in theta
         ]
     else:
@@ -154,7 +159,10 @@ def _distractor_fill(rng: np.random.Generator, width: int, height: int) -> np.nd
     if kind == "flat":
         return np.broadcast_to(base, (height, width, 3))
     if kind == "stripes":
-        return base * (1 - _stripes(rng, width, height)[..., None]) + _colour(rng) * _stripes(rng, width, height)[..., None]
+        return (
+            base * (1 - _stripes(rng, width, height)[..., None])
+            + _colour(rng) * _stripes(rng, width, height)[..., None]
+        )
     cell = max(3, round(min(width, height) * rng.uniform(0.02, 0.08)))
     yy, xx = np.mgrid[0:height, 0:width]
     checks = ((xx // cell + yy // cell) % 2).astype(np.float32)[..., None]

@@ -64,8 +64,11 @@ def train(args) -> dict:
     model = unet.build_unet(alpha, filters, bn_momentum=args.bn_momentum)
     steps = max(1, -(-len(train_images) // args.batch_size))
     schedule = keras.optimizers.schedules.CosineDecay(
-        args.learning_rate * 0.1, decay_steps=steps * args.epochs, warmup_target=args.learning_rate,
-        warmup_steps=min(steps, 200), alpha=0.02,
+        args.learning_rate * 0.1,
+        decay_steps=steps * args.epochs,
+        warmup_target=args.learning_rate,
+        warmup_steps=min(steps, 200),
+        alpha=0.02,
     )
     model.compile(
         optimizer=keras.optimizers.Adam(schedule),
@@ -86,11 +89,19 @@ def train(args) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         best = Path(scratch) / "best.weights.h5"
         callbacks = [
-            keras.callbacks.ModelCheckpoint(str(best), monitor="val_miou", mode="max", save_best_only=True, save_weights_only=True),
+            keras.callbacks.ModelCheckpoint(
+                str(best), monitor="val_miou", mode="max", save_best_only=True, save_weights_only=True
+            ),
             keras.callbacks.EarlyStopping(monitor="val_miou", mode="max", patience=args.patience),
         ]
         started = time.perf_counter()
-        history = model.fit(train_stream, validation_data=val_stream, epochs=args.epochs, callbacks=callbacks, verbose=args.verbose)
+        history = model.fit(
+            train_stream,
+            validation_data=val_stream,
+            epochs=args.epochs,
+            callbacks=callbacks,
+            verbose=args.verbose,
+        )
         seconds = time.perf_counter() - started
         model.load_weights(str(best))
 
@@ -101,19 +112,35 @@ def train(args) -> dict:
         "name": MODEL_NAME,
         "version": args.model_version,
         "description": "U-Net (MobileNetV2 encoder) for trimap segmentation; "
-        + ("a demonstration model trained on synthetic scenes" if args.data == "synthetic" else f"trained on {args.data}"),
+        + (
+            "a demonstration model trained on synthetic scenes"
+            if args.data == "synthetic"
+            else f"trained on {args.data}"
+        ),
         "classes": list(CLASS_NAMES),
         "palette": [list(c) for c in PALETTE],
         "input_size": [size, size],
         "normalisation": "RGB / 255, in [0, 1]; resized with area-aware bilinear filtering",
-        "architecture": {"encoder": "MobileNetV2", "alpha": alpha, "decoder_filters": list(filters), "width": args.width,
-                         "bn_momentum": args.bn_momentum},
+        "architecture": {
+            "encoder": "MobileNetV2",
+            "alpha": alpha,
+            "decoder_filters": list(filters),
+            "width": args.width,
+            "bn_momentum": args.bn_momentum,
+        },
         "parameters": int(model.count_params()),
         "training": {
-            "data": args.data, "train_images": int(len(train_images)), "val_images": int(len(val_images)),
-            "epochs": epochs_run, "epochs_max": args.epochs, "batch_size": args.batch_size,
-            "learning_rate": args.learning_rate, "border_loss_weight": args.border_weight, "seed": args.seed,
-            "seconds": round(seconds, 1), "best_val_miou_128px": round(best_val, 4),
+            "data": args.data,
+            "train_images": int(len(train_images)),
+            "val_images": int(len(val_images)),
+            "epochs": epochs_run,
+            "epochs_max": args.epochs,
+            "batch_size": args.batch_size,
+            "learning_rate": args.learning_rate,
+            "border_loss_weight": args.border_weight,
+            "seed": args.seed,
+            "seconds": round(seconds, 1),
+            "best_val_miou_128px": round(best_val, 4),
         },
         "files": {name: (out / name).stat().st_size for name in ("unet.keras", "unet.tflite")},
         "width_trade_off": WIDTH_TRADE_OFF,
@@ -130,9 +157,30 @@ def train(args) -> dict:
 
 # Measured by the model issue with LiteRT, one thread, one core each, on this project's 2-core machine.
 WIDTH_TRADE_OFF = [
-    {"width": "full", "alpha": 1.0, "decoder_filters": [512, 256, 128, 64], "parameters": 6.5e6, "tflite_mb": 24.6, "ms_per_image": 37},
-    {"width": "half", "alpha": 0.5, "decoder_filters": [256, 128, 64, 32], "parameters": 1.67e6, "tflite_mb": 6.3, "ms_per_image": 9.8},
-    {"width": "slim", "alpha": 0.35, "decoder_filters": [128, 64, 32, 16], "parameters": 0.63e6, "tflite_mb": 2.4, "ms_per_image": 3.7},
+    {
+        "width": "full",
+        "alpha": 1.0,
+        "decoder_filters": [512, 256, 128, 64],
+        "parameters": 6.5e6,
+        "tflite_mb": 24.6,
+        "ms_per_image": 37,
+    },
+    {
+        "width": "half",
+        "alpha": 0.5,
+        "decoder_filters": [256, 128, 64, 32],
+        "parameters": 1.67e6,
+        "tflite_mb": 6.3,
+        "ms_per_image": 9.8,
+    },
+    {
+        "width": "slim",
+        "alpha": 0.35,
+        "decoder_filters": [128, 64, 32, 16],
+        "parameters": 0.63e6,
+        "tflite_mb": 2.4,
+        "ms_per_image": 3.7,
+    },
 ]
 
 
@@ -142,22 +190,37 @@ def _augment(image, mask, weight):
     image = tf.cast(image, tf.float32) / 255.0
     mask, weight = mask[..., None], weight[..., None]
     if tf.random.uniform(()) < 0.5:
-        image, mask, weight = tf.image.flip_left_right(image), tf.image.flip_left_right(mask), tf.image.flip_left_right(weight)
+        image, mask, weight = (
+            tf.image.flip_left_right(image),
+            tf.image.flip_left_right(mask),
+            tf.image.flip_left_right(weight),
+        )
     return image, mask, weight
 
 
 def export(model, out: Path) -> None:
     """Write unet.keras without optimizer state and unet.tflite for LiteRT (float32, batch dimension dynamic)."""
     import keras
-    import tensorflow as tf
 
     plain = keras.models.clone_model(model)
     plain.set_weights(model.get_weights())
     plain.save(out / "unet.keras")
-    spec = tf.TensorSpec([None, unet.INPUT_SIZE, unet.INPUT_SIZE, 3], tf.float32, name="image")
-    concrete = tf.function(lambda x: plain(x, training=False)).get_concrete_function(spec)
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], plain)
-    (out / "unet.tflite").write_bytes(converter.convert())
+    export_tflite(out / "unet.keras", out / "unet.tflite")
+
+
+def export_tflite(keras_path: Path, tflite_path: Path) -> None:
+    """Convert a .keras model to .tflite through a SavedModel.
+
+    Converting a tf.function of the Keras model directly gave a file without its weights that answered NaN;
+    the SavedModel route keeps them (LiteRT and TensorFlow logits agree within 1e-6).
+    """
+    import keras
+    import tensorflow as tf
+
+    model = keras.saving.load_model(str(keras_path), compile=False)
+    with tempfile.TemporaryDirectory() as scratch:
+        model.export(scratch, format="tf_saved_model", verbose=False)
+        tflite_path.write_bytes(tf.lite.TFLiteConverter.from_saved_model(scratch).convert())
 
 
 def measure(model_path: Path, data: str, count: int) -> dict:
@@ -168,11 +231,17 @@ def measure(model_path: Path, data: str, count: int) -> dict:
 
 
 def _parser_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default="synthetic", help="'synthetic', an Oxford-IIIT Pet folder, or a folder with images/ and masks/")
+    parser.add_argument(
+        "--data",
+        default="synthetic",
+        help="'synthetic', an Oxford-IIIT Pet folder, or a folder with images/ and masks/",
+    )
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="segapp-train", description="Train the U-Net and write unet.keras, unet.tflite, unet.json.")
+    parser = argparse.ArgumentParser(
+        prog="segapp-train", description="Train the U-Net and write unet.keras, unet.tflite, unet.json."
+    )
     _parser_common(parser)
     parser.add_argument("--out", default="segapp/models", help="output folder (default: segapp/models)")
     parser.add_argument("--epochs", type=int, default=30)
@@ -181,13 +250,17 @@ def main(argv=None) -> int:
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--bn-momentum", type=float, default=0.9)
     parser.add_argument("--border-weight", type=float, default=1.5, help="loss weight of border pixels")
-    parser.add_argument("--train-count", type=int, default=3000, help="synthetic: scenes; folder: at most this many (0: all)")
+    parser.add_argument(
+        "--train-count", type=int, default=3000, help="synthetic: scenes; folder: at most this many (0: all)"
+    )
     parser.add_argument("--val-count", type=int, default=300)
     parser.add_argument("--test-count", type=int, default=500, help="test images for the card's quality (0: skip)")
     parser.add_argument("--patience", type=int, default=6, help="epochs without a better val mIoU before stopping")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-version", default="1.0.0")
-    parser.add_argument("--verbose", type=int, default=1, help="Keras fit verbosity: 1 progress bar, 2 a line per epoch")
+    parser.add_argument(
+        "--verbose", type=int, default=1, help="Keras fit verbosity: 1 progress bar, 2 a line per epoch"
+    )
     args = parser.parse_args(argv)
     try:
         train(args)
@@ -198,7 +271,9 @@ def main(argv=None) -> int:
 
 
 def eval_main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="segapp-eval", description="Per-class IoU, mIoU and pixel accuracy of a model.")
+    parser = argparse.ArgumentParser(
+        prog="segapp-eval", description="Per-class IoU, mIoU and pixel accuracy of a model."
+    )
     _parser_common(parser)
     parser.add_argument("--model", required=True, help="a .tflite, .keras or SavedModel path")
     parser.add_argument("--count", type=int, default=500, help="test images (0: the whole folder split)")

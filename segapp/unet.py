@@ -39,7 +39,7 @@ def build_unet(alpha: float = 0.35, decoder_filters=(128, 64, 32, 16), bn_moment
         name="encoder",
     )
     *skips, x = down(inputs)
-    for filters, skip in zip(decoder_filters, reversed(skips)):
+    for filters, skip in zip(decoder_filters, reversed(skips), strict=True):
         x = keras.layers.Conv2DTranspose(filters, 3, strides=2, padding="same", use_bias=False)(x)
         x = keras.layers.BatchNormalization(momentum=bn_momentum)(x)
         x = keras.layers.ReLU()(x)

@@ -1,0 +1,118 @@
+"""Training data: synthetic scenes are deterministic and labelled; folder readers read the real layouts or say why not."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segapp import datasets, scenes
+
+
+def test_scene_is_the_same_for_the_same_seed_and_index():
+    first_image, first_mask = scenes.scene(1, 7)
+    again_image, again_mask = scenes.scene(1, 7)
+    assert np.array_equal(first_image, again_image) and np.array_equal(first_mask, again_mask)
+    other_image, _ = scenes.scene(1, 8)
+    assert first_image.shape != other_image.shape or not np.array_equal(first_image, other_image)
+
+
+def test_splits_never_share_a_scene():
+    train, _ = scenes.scene(scenes.SPLIT_SEEDS["train"], 0)
+    test, _ = scenes.scene(scenes.SPLIT_SEEDS["test"], 0)
+    assert train.shape != test.shape or not np.array_equal(train, test)
+
+
+def test_scenes_have_all_three_classes_and_photo_like_sizes():
+    for index in range(12):
+        image, mask = scenes.scene(scenes.SPLIT_SEEDS["train"], index)
+        assert image.dtype == np.uint8 and image.shape[:2] == mask.shape
+        assert 96 <= min(mask.shape) <= 640 and max(mask.shape) <= 640
+        assert set(np.unique(mask).tolist()) == {0, 1, 2}, f"scene {index}"
+
+
+def test_border_band_separates_foreground_from_background():
+    _, mask = scenes.scene(1, 3)
+    fg = mask == scenes.FOREGROUND
+    bg = mask == scenes.BACKGROUND
+    # No foreground pixel touches a background pixel horizontally: a border pixel always lies between.
+    assert not np.any(fg[:, :-1] & bg[:, 1:]) and not np.any(bg[:, :-1] & fg[:, 1:])
+
+
+def make_oxford(root, names, missing_trimap=()):
+    (root / "images").mkdir(parents=True)
+    (root / "annotations" / "trimaps").mkdir(parents=True)
+    for name in names:
+        Image.new("RGB", (40, 30), (100, 50, 25)).save(root / "images" / f"{name}.jpg")
+        if name not in missing_trimap:
+            trimap = np.full((30, 40), 2, dtype=np.uint8)
+            trimap[10:20, 10:30] = 1
+            trimap[9, 10:30] = 3
+            Image.fromarray(trimap, "L").save(root / "annotations" / "trimaps" / f"{name}.png")
+    lines = [f"{name} 1 1 1" for name in names]
+    (root / "annotations" / "trainval.txt").write_text("\n".join(lines[:-1]) + "\n")
+    (root / "annotations" / "test.txt").write_text(lines[-1] + "\n")
+
+
+def test_oxford_reader_maps_trimap_values_and_skips_missing_masks(tmp_path):
+    make_oxford(tmp_path, ["Abyssinian_1", "beagle_2", "pug_3", "Birman_4"], missing_trimap=("beagle_2",))
+    samples = datasets.oxford_pets(tmp_path, "trainval")
+    assert [s.name for s in samples] == ["Abyssinian_1", "pug_3"]
+    image, mask = samples[0].load()
+    assert image.shape == (30, 40, 3)
+    assert set(np.unique(mask).tolist()) == {0, 1, 2}
+    assert mask[15, 15] == 0 and mask[0, 0] == 1 and mask[9, 15] == 2
+    assert [s.name for s in datasets.oxford_pets(tmp_path, "test")] == ["Birman_4"]
+
+
+def test_folder_samples_recognises_oxford_layout(tmp_path):
+    make_oxford(tmp_path, ["a_1", "b_2", "c_3"])
+    assert [s.name for s in datasets.folder_samples(tmp_path, "train")] == ["a_1", "b_2"]
+
+
+def test_images_and_masks_reader_pairs_by_stem(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for name in ("one", "two", "lonely"):
+        Image.new("RGB", (20, 10)).save(tmp_path / "images" / f"{name}.png")
+    for name in ("one", "two"):
+        Image.fromarray(np.full((10, 20), 2, np.uint8), "L").save(tmp_path / "masks" / f"{name}.png")
+    samples = datasets.image_mask_folders(tmp_path)
+    assert [s.name for s in samples] == ["one", "two"]
+    images, masks = datasets.load_samples(samples, 16)
+    assert images.shape == (2, 16, 16, 3) and masks.shape == (2, 16, 16) and masks.max() == 2
+
+
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ("missing", "is not a folder"),
+        ("empty", "must hold images/ and masks/"),
+        ("oxford_without_split", "trainval.txt is missing"),
+    ],
+)
+def test_bad_folders_get_clear_errors(tmp_path, layout, message):
+    root = tmp_path / "data"
+    if layout == "empty":
+        root.mkdir()
+    elif layout == "oxford_without_split":
+        (root / "images").mkdir(parents=True)
+        (root / "annotations" / "trimaps").mkdir(parents=True)
+    with pytest.raises(datasets.DatasetError, match=message):
+        datasets.folder_samples(root, "train")
+
+
+def test_mask_with_values_beyond_the_classes_is_refused(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "x.png")
+    Image.fromarray(np.full((8, 8), 255, np.uint8), "L").save(tmp_path / "masks" / "x.png")
+    with pytest.raises(datasets.DatasetError, match="classes 0-2"):
+        datasets.load_samples(datasets.image_mask_folders(tmp_path), 8)
+
+
+def test_pipeline_batches_scaled_images_and_masks():
+    images, masks = datasets.synthetic_at("val", 5, 128, workers=1)
+    batches = list(datasets.pipeline(images, masks, batch_size=2, training=True))
+    assert [b[0].shape[0] for b in batches] == [2, 2, 1]
+    image, mask = batches[0]
+    assert image.shape == (2, 128, 128, 3) and mask.shape == (2, 128, 128, 1)
+    assert float(image.numpy().min()) >= 0.0 and float(image.numpy().max()) <= 1.0

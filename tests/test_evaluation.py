@@ -1,0 +1,43 @@
+"""IoU, mIoU and pixel accuracy equal the values worked out by hand."""
+
+import numpy as np
+import pytest
+
+from segapp.evaluation import confusion, evaluate, format_table, scores
+
+
+def test_scores_on_hand_made_masks():
+    label = np.array([[0, 0, 1, 1], [0, 2, 1, 1]], dtype=np.uint8)
+    prediction = np.array([[0, 1, 1, 1], [0, 2, 2, 1]], dtype=np.uint8)
+    result = scores(confusion(label, prediction))
+    # foreground: TP 2, FP 0, FN 1 -> 2/3; background: TP 3, FP 1, FN 1 -> 3/5; border: TP 1, FP 1, FN 0 -> 1/2
+    assert result["per_class_iou"]["foreground"] == pytest.approx(2 / 3)
+    assert result["per_class_iou"]["background"] == pytest.approx(3 / 5)
+    assert result["per_class_iou"]["border"] == pytest.approx(1 / 2)
+    assert result["miou"] == pytest.approx((2 / 3 + 3 / 5 + 1 / 2) / 3)
+    assert result["pixel_accuracy"] == pytest.approx(6 / 8)
+
+
+def test_absent_class_has_no_iou_and_is_left_out_of_the_mean():
+    label = np.array([[0, 1]], dtype=np.uint8)
+    result = scores(confusion(label, label))
+    assert result["per_class_iou"]["border"] is None
+    assert result["miou"] == 1.0
+
+
+def test_evaluate_sums_confusion_over_images_of_different_sizes():
+    pairs = [
+        (np.zeros((2, 2, 3), np.uint8), np.zeros((2, 2), np.uint8)),
+        (np.zeros((1, 3, 3), np.uint8), np.ones((1, 3), np.uint8)),
+    ]
+    result = evaluate(lambda image: np.zeros(image.shape[:2], np.uint8), pairs)
+    # 4 right foreground pixels, 3 background pixels called foreground: fg IoU 4/7, bg IoU 0.
+    assert result["per_class_iou"]["foreground"] == pytest.approx(4 / 7)
+    assert result["per_class_iou"]["background"] == 0.0
+    assert result["images"] == 2
+    assert "mIoU" in format_table(result)
+
+
+def test_masks_of_different_shapes_are_refused():
+    with pytest.raises(ValueError, match="shape"):
+        confusion(np.zeros((2, 2)), np.zeros((2, 3)))

@@ -1,0 +1,42 @@
+"""The network: shapes, dtype, widths, and the shipped model's card telling its true size."""
+
+import json
+
+import numpy as np
+import pytest
+
+from segapp import unet
+from segapp.inference import SHIPPED_MODEL
+
+keras = pytest.importorskip("keras", reason="the tensorflow extra is part of make test")
+
+
+def test_output_is_three_class_logits_at_input_size():
+    model = unet.build_unet(*unet.WIDTHS["slim"])
+    logits = model(np.zeros((2, 128, 128, 3), np.float32), training=False)
+    assert tuple(logits.shape) == (2, 128, 128, 3)
+    assert logits.dtype == "float32"
+
+
+def test_batchnorm_momentum_is_replaced_everywhere():
+    model = unet.build_unet(*unet.WIDTHS["slim"], bn_momentum=0.9)
+    momenta = {
+        layer.momentum
+        for sub in [model, model.get_layer("encoder")]
+        for layer in sub.layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    }
+    assert momenta == {0.9}
+
+
+def test_widths_are_ordered_by_parameter_count():
+    counts = {name: unet.build_unet(*unet.WIDTHS[name]).count_params() for name in ("slim", "half")}
+    assert counts["slim"] < counts["half"]
+    assert 500_000 < counts["slim"] < 800_000
+
+
+def test_shipped_model_parameter_count_matches_its_card():
+    card = json.loads(SHIPPED_MODEL.with_suffix(".json").read_text())
+    model = keras.saving.load_model(str(SHIPPED_MODEL.with_suffix(".keras")), compile=False)
+    assert model.count_params() == card["parameters"]
+    assert tuple(model.input_shape[1:]) == (128, 128, 3)
