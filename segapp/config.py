@@ -59,7 +59,7 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Settings from SEGAPP_* variables of `environ` (default: the process environment); unset ones keep defaults."""
+        """Settings from the SEGAPP_* variables of `environ` (default: os.environ); unset ones keep defaults."""
         environ = os.environ if environ is None else environ
         values = {}
         for f in fields(cls):

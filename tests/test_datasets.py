@@ -1,4 +1,4 @@
-"""Training data: synthetic scenes are deterministic and labelled; folder readers read the real layouts or say why not."""
+"""Training data: synthetic scenes are deterministic and labelled; folder readers read real layouts or say why not."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""decode_image refuses hostile bytes with typed errors and turns every image kind into RGB; masks and overlays encode."""
+"""decode_image refuses hostile bytes with typed errors and turns every kind of image into RGB; masks encode."""
 
 import io
 import struct

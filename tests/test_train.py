@@ -1,4 +1,4 @@
-"""segapp-train writes the three artefacts and a valid card; segapp-eval prints what it measured; bad data is refused."""
+"""segapp-train writes the three artefacts and a valid card; segapp-eval prints its figures; bad data is refused."""
 
 import json
 
