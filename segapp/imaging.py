@@ -46,15 +46,20 @@ class ImageTooLargeError(ImageError):
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """RGB pixels of an image, and its full size after EXIF orientation.
+    """An RGB image and its full size after EXIF orientation.
 
-    With `draft_size` the pixels may be smaller than `width` x `height` (JPEG draft decoding);
-    masks are always produced at `width` x `height`.
+    With `draft_size` the image may be smaller than `width` x `height` (JPEG draft decoding); masks are always
+    produced at `width` x `height`.
     """
 
-    pixels: np.ndarray
+    image: Image.Image
     width: int
     height: int
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """The RGB pixels as a uint8 H x W x 3 array."""
+        return np.asarray(self.image)
 
 
 def decode_image(data: bytes, max_pixels: int, draft_size: int | None = None) -> DecodedImage:
@@ -87,8 +92,7 @@ def decode_image(data: bytes, max_pixels: int, draft_size: int | None = None) ->
             image.draft("RGB", (max(1, round(width * scale)), max(1, round(height * scale))))
         image.seek(0)
         image.load()
-        image = ImageOps.exif_transpose(image)
-        pixels = np.asarray(_to_rgb(image))
+        image = _to_rgb(ImageOps.exif_transpose(image))
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"image is over the limit of {max_pixels} pixels") from exc
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError) as exc:
@@ -97,7 +101,7 @@ def decode_image(data: bytes, max_pixels: int, draft_size: int | None = None) ->
 
     if orientation in _SWAPPING_ORIENTATIONS:
         width, height = height, width
-    return DecodedImage(pixels=pixels, width=width, height=height)
+    return DecodedImage(image=image, width=width, height=height)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -152,8 +156,9 @@ def overlay_to_jpeg(pixels: np.ndarray, mask: np.ndarray, palette=PALETTE, quali
     return out.getvalue()
 
 
-def resize_pixels(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Resize RGB pixels with area-aware bilinear filtering (what the training pipeline does with antialias)."""
-    if pixels.shape[1] == width and pixels.shape[0] == height:
-        return pixels
-    return np.asarray(Image.fromarray(pixels, "RGB").resize((width, height), Image.BILINEAR))
+def resize_pixels(pixels: np.ndarray | Image.Image, width: int, height: int) -> np.ndarray:
+    """Resize an RGB image or array with area-aware bilinear filtering, as the training data was resized."""
+    image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels, "RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.BILINEAR)
+    return np.asarray(image)

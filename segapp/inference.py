@@ -115,7 +115,7 @@ class Segmentation:
     """A mask (uint8 H x W class indices, the image's size after EXIF orientation) and what it cost."""
 
     mask: np.ndarray
-    pixels: np.ndarray  # the decoded RGB image; smaller than the mask when JPEG draft decoding was used
+    pixels: np.ndarray | None  # the decoded RGB image at full size, when `segment` was asked for it
     timings: dict[str, float] = field(default_factory=dict)  # seconds: decode, infer, postprocess
 
     def class_fractions(self) -> list[float]:
@@ -165,10 +165,10 @@ class Segmenter:
         JPEG is decoded at a reduced scale, which is all the network needs.
         """
         started = time.perf_counter()
-        draft = None if full_pixels else 2 * self.input_size
+        draft = None if full_pixels else self.input_size
         decoded = decode_image(data, self.max_pixels, draft_size=draft)
         decoded_at = time.perf_counter()
-        logits = self.predict_logits(decoded.pixels)
+        logits = self.predict_logits(decoded.image)
         inferred_at = time.perf_counter()
         mask = upsample_argmax(logits, decoded.width, decoded.height)
         done = time.perf_counter()
@@ -177,32 +177,42 @@ class Segmenter:
             "infer": inferred_at - decoded_at,
             "postprocess": done - inferred_at,
         }
-        return Segmentation(mask=mask, pixels=decoded.pixels, timings=timings)
+        return Segmentation(mask=mask, pixels=decoded.pixels if full_pixels else None, timings=timings)
 
     def segment_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """The class mask for RGB pixels already decoded, at their own size."""
         return upsample_argmax(self.predict_logits(pixels), pixels.shape[1], pixels.shape[0])
 
-    def predict_logits(self, pixels: np.ndarray) -> np.ndarray:
-        """Logits input_size x input_size x classes for RGB uint8 pixels of any size."""
+    def predict_logits(self, pixels: np.ndarray | Image.Image) -> np.ndarray:
+        """Logits input_size x input_size x classes for an RGB image (uint8 array or Pillow image) of any size."""
         size = self.input_size
         batch = resize_pixels(pixels, size, size)[None].astype(np.float32) * np.float32(1 / 255)
         return self.engine.predict(batch)[0]
 
 
 def upsample_argmax(logits: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Class mask at width x height: logits upsampled bilinearly, then argmax.
+    """Class mask at width x height: class probabilities upsampled bilinearly, then argmax.
 
-    Upsampling the 128-px argmax instead would draw every edge as steps of width/128 pixels.
+    Upsampling the 128-px argmax instead would draw every edge as steps of width/128 pixels. The probabilities
+    (softmax) of three classes travel as one 8-bit RGB image, which Pillow resizes in a single SIMD pass: 5x
+    faster than three float planes for a 500x375 mask, and edges land within a pixel of the float result.
     """
     if logits.shape[1] == width and logits.shape[0] == height:
         return np.argmax(logits, axis=-1).astype(np.uint8)
-    planes = [
-        np.asarray(
-            Image.fromarray(np.ascontiguousarray(logits[..., c], dtype=np.float32), "F").resize(
-                (width, height), Image.BILINEAR
+    if logits.shape[-1] != 3:
+        planes = [
+            np.asarray(
+                Image.fromarray(np.ascontiguousarray(plane, np.float32), "F").resize((width, height), Image.BILINEAR)
             )
-        )
-        for c in range(logits.shape[-1])
-    ]
-    return np.argmax(np.stack(planes, axis=-1), axis=-1).astype(np.uint8)
+            for plane in np.moveaxis(logits, -1, 0)
+        ]
+        return np.argmax(np.stack(planes, axis=-1), axis=-1).astype(np.uint8)
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probabilities = (shifted * (255 / shifted.sum(axis=-1, keepdims=True)) + 0.5).astype(np.uint8)
+    upsampled = Image.fromarray(probabilities, "RGB").resize((width, height), Image.BILINEAR)
+    # argmax over three planes by comparison (ties go to the lower class, as np.argmax): 3x faster than
+    # np.argmax(axis=-1) on an interleaved H x W x 3 array.
+    first, second, third = (np.asarray(plane) for plane in upsampled.split())
+    mask = (second > first).view(np.uint8).copy()
+    mask[third > np.maximum(first, second)] = 2
+    return mask
