@@ -1,0 +1,104 @@
+"""Prometheus metrics of the service, with prometheus_client.
+
+Under uWSGI each worker is its own process, so one scrape of /metrics must sum over all of them:
+prometheus_client's multiprocess mode does that when PROMETHEUS_MULTIPROC_DIR names a writable folder that
+exists before the workers start (and is emptied when the master starts). The variable is prometheus_client's
+own and it reads it when it is imported, so it must be in the environment of the process from the start
+(uWSGI's `env =` option), not set later. Without it, each app keeps its metrics in a registry of its own.
+
+Metrics (route = route template or "other", never the raw path, so the label has a handful of values):
+
+    segapp_requests_total{route, method, status}     counter
+    segapp_request_duration_seconds{route}           histogram, request in to response built
+    segapp_stage_duration_seconds{stage}             histogram, stage = decode | infer | postprocess | encode
+    segapp_image_pixels                              histogram, pixels of each image segmented
+    segapp_requests_in_flight                        gauge, summed over live workers
+    segapp_model_info{name, version, engine}         gauge, 1 per loaded model
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# Stages take from a fraction of a millisecond (encoding a small mask) to seconds (decoding a 40 MP image).
+STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+REQUEST_BUCKETS = (0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+PIXEL_BUCKETS = (1e4, 6.6e4, 2.6e5, 1e6, 2e6, 4e6, 8e6, 1.6e7, 4e7)
+
+
+class Metrics:
+    """The service's metrics and their exposition.
+
+    With `multiprocess_dir`, values live in that folder's files (written by every process that uses
+    prometheus_client in multiprocess mode) and `exposition()` sums them; otherwise they live in a registry
+    owned by this object, so several apps in one process (tests) never share or clash.
+    """
+
+    def __init__(self, multiprocess_dir: str | os.PathLike | None = None):
+        self.multiprocess_dir = os.fspath(multiprocess_dir) if multiprocess_dir else None
+        # In multiprocess mode metrics belong to no registry: their values are in files, read at scrape time.
+        self.registry = None if self.multiprocess_dir else CollectorRegistry()
+        registry = self.registry
+        self.requests = Counter(
+            "segapp_requests", "HTTP requests answered, by route template, method and status.",
+            ("route", "method", "status"), registry=registry,
+        )
+        self.request_seconds = Histogram(
+            "segapp_request_duration_seconds", "Time from request in to response built, by route template.",
+            ("route",), buckets=REQUEST_BUCKETS, registry=registry,
+        )
+        self.stage_seconds = Histogram(
+            "segapp_stage_duration_seconds", "Time spent in each inference stage.",
+            ("stage",), buckets=STAGE_BUCKETS, registry=registry,
+        )
+        self.image_pixels = Histogram(
+            "segapp_image_pixels", "Pixels (width x height) of each image segmented.",
+            buckets=PIXEL_BUCKETS, registry=registry,
+        )
+        self.in_flight = Gauge(
+            "segapp_requests_in_flight", "Requests being handled now.",
+            registry=registry, multiprocess_mode="livesum",
+        )
+        self.model_info = Gauge(
+            "segapp_model_info", "The model being served (value 1).",
+            ("name", "version", "engine"), registry=registry, multiprocess_mode="livemax",
+        )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Metrics:
+        """Multiprocess metrics when PROMETHEUS_MULTIPROC_DIR is set in `environ` (default: the process's)."""
+        environ = os.environ if environ is None else environ
+        return cls(environ.get(MULTIPROCESS_ENV) or None)
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one answered request and its duration."""
+        self.requests.labels(route, method, str(status)).inc()
+        self.request_seconds.labels(route).observe(seconds)
+
+    def observe_inference(self, timings: Mapping[str, float], pixels: int) -> None:
+        """Record the stage durations (seconds by stage name) and the size of one segmented image."""
+        for stage, seconds in timings.items():
+            self.stage_seconds.labels(stage).observe(seconds)
+        self.image_pixels.observe(pixels)
+
+    def set_model(self, card: Mapping) -> None:
+        """Publish the model's name, version and engine."""
+        self.model_info.labels(
+            str(card.get("name", "unknown")), str(card.get("version", "unknown")), str(card.get("engine", "unknown")),
+        ).set(1)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The Prometheus text format of all metrics (summed over processes in multiprocess mode), and its
+        Content-Type."""
+        if self.multiprocess_dir:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=self.multiprocess_dir)
+        else:
+            registry = self.registry
+        return generate_latest(registry), CONTENT_TYPE_LATEST

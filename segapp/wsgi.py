@@ -1,0 +1,261 @@
+"""The WSGI application: HTTP in, `Segmenter` calls, HTTP out. WebOb requests and responses, no framework.
+
+    POST {route}      image bytes (or multipart field "image") -> PNG mask, JSON or JPEG overlay
+    GET  /healthz     liveness        GET /readyz   readiness (503 until the model is loaded and warm)
+    GET  /v1/model    the model card  GET /metrics  Prometheus text format
+
+`make_app(settings, segmenter)` builds the app; `application` is what uWSGI loads (`module = segapp.wsgi:application`).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import threading
+import time
+
+from webob import Request, Response
+from webob.exc import (
+    HTTPBadRequest,
+    HTTPException,
+    HTTPInternalServerError,
+    HTTPMethodNotAllowed,
+    HTTPNotFound,
+    HTTPRequestEntityTooLarge,
+    HTTPServiceUnavailable,
+)
+
+from segapp.config import Settings
+from segapp.errors import api_error, render_error, request_id_for
+from segapp.imaging import CLASS_NAMES, PALETTE, ImageError, ImageTooLargeError, mask_to_png, overlay_to_jpeg
+from segapp.inference import Segmentation, Segmenter
+from segapp.metrics import Metrics
+from segapp.negotiation import MEDIA_TYPES, choose_format
+from segapp.uploads import check_media_type, read_image
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("segapp.access")
+
+# Metric labels take the method only from this set, so a client cannot grow the label's values.
+_METHOD_LABELS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"))
+_READ_METHODS = ("GET", "HEAD")
+
+
+class SegmentationApp:
+    """The WSGI callable. `__call__` builds a `webob.Request`, `dispatch` finds the `on_<endpoint>` handler.
+
+    Every answer, error or not, carries X-Request-ID and Server-Timing; every rejection is a `webob.exc`
+    exception rendered as JSON at one place; nothing raises out of `__call__`.
+    """
+
+    def __init__(self, settings: Settings, segmenter: Segmenter, metrics: Metrics, clock=time.perf_counter):
+        self.settings = settings
+        self.segmenter = segmenter
+        self.metrics = metrics
+        self.clock = clock
+        # path -> (endpoint, methods allowed)
+        self.routes = {
+            settings.route: ("infer", ("POST",)),
+            "/healthz": ("healthz", _READ_METHODS),
+            "/readyz": ("readyz", _READ_METHODS),
+            "/v1/model": ("model", _READ_METHODS),
+            "/metrics": ("metrics", _READ_METHODS),
+        }
+
+    def __call__(self, environ, start_response):
+        started = self.clock()
+        request = Request(environ)
+        request_id = request_id_for(environ.get("HTTP_X_REQUEST_ID"))
+        self.metrics.in_flight.inc()
+        try:
+            response = self.dispatch(request)
+        except HTTPException as error:
+            response = render_error(error, request_id)
+        except Exception:
+            log.exception("unexpected error answering %s %s request_id=%s", request.method, request.path, request_id)
+            response = render_error(HTTPInternalServerError(detail="unexpected error; see the server log"), request_id)
+        finally:
+            self.metrics.in_flight.dec()
+        elapsed = self.clock() - started
+        response.headers["X-Request-ID"] = request_id
+        timing = f"total;dur={elapsed * 1000:.2f}"
+        stages = response.headers.get("Server-Timing")
+        response.headers["Server-Timing"] = f"{stages}, {timing}" if stages else timing
+        self._account(request, response, request_id, elapsed)
+        return response(environ, start_response)
+
+    def dispatch(self, request: Request) -> Response:
+        """The handler's response for `request`; raises `webob.exc` exceptions for rejections."""
+        endpoint, allowed = self.routes.get(request.path_info, (None, ()))
+        if endpoint is None:
+            raise api_error(HTTPNotFound, "not_found", f"there is no resource at {request.path}")
+        if request.method not in allowed:
+            raise api_error(
+                HTTPMethodNotAllowed, "method_not_allowed",
+                f"{request.method} is not allowed on {request.path}; use {', '.join(allowed)}", allow=allowed,
+            )
+        return getattr(self, f"on_{endpoint}")(request)
+
+    def on_infer(self, request: Request) -> Response:
+        """Segment the POSTed image; answer a PNG mask, JSON or a JPEG overlay."""
+        self._require_ready()
+        check_media_type(request)
+        answer = choose_format(request, self.settings.default_format)
+        data = read_image(request, self.settings.max_body_bytes)
+        try:
+            result = self.segmenter.segment(data, full_pixels=answer == "overlay")
+        except ImageTooLargeError as error:
+            raise api_error(HTTPRequestEntityTooLarge, error.code, str(error)) from None
+        except ImageError as error:
+            raise api_error(HTTPBadRequest, error.code, str(error)) from None
+        encode_started = self.clock()
+        body = self.encode(answer, result)
+        timings = {**result.timings, "encode": self.clock() - encode_started}
+        self.metrics.observe_inference(timings, int(result.mask.size))
+        response = Response(body=body, content_type=MEDIA_TYPES[answer], charset=None)
+        response.vary = ("Accept",)
+        response.headers["Server-Timing"] = ", ".join(f"{name};dur={sec * 1000:.2f}" for name, sec in timings.items())
+        return response
+
+    def encode(self, answer: str, result: Segmentation) -> bytes:
+        """The answer's bytes: a palette PNG of the mask, JSON with that PNG in base64, or a JPEG overlay."""
+        card = self.segmenter.card
+        palette = card.get("palette") or PALETTE
+        if answer == "overlay":
+            return overlay_to_jpeg(result.pixels, result.mask, palette)
+        png = mask_to_png(result.mask, palette)
+        if answer == "png":
+            return png
+        classes = list(card.get("classes") or CLASS_NAMES)
+        height, width = result.mask.shape
+        fractions = zip(classes, result.class_fractions(), strict=False)
+        return _json_bytes({
+            "width": width,
+            "height": height,
+            "classes": classes,
+            "fractions": {name: round(share, 6) for name, share in fractions},
+            "mask": base64.b64encode(png).decode("ascii"),
+            "model": _model_summary(card),
+        })
+
+    def on_healthz(self, request: Request) -> Response:
+        """Liveness: 200 whenever the process can answer."""
+        return _json_response({"status": "ok"})
+
+    def on_readyz(self, request: Request) -> Response:
+        """Readiness: 200 once the model is loaded and warm, 503 before."""
+        self._require_ready()
+        return _json_response({"status": "ready", "model": _model_summary(self.segmenter.card)})
+
+    def on_model(self, request: Request) -> Response:
+        """The model card: name, version, classes, palette, input size, engine, measured quality."""
+        self._require_ready()
+        return _json_response(self.segmenter.card)
+
+    def on_metrics(self, request: Request) -> Response:
+        """Prometheus text format, summed over worker processes in multiprocess mode."""
+        body, content_type = self.metrics.exposition()
+        response = Response(body=body)
+        response.headers["Content-Type"] = content_type
+        return response
+
+    def _require_ready(self) -> None:
+        if not self.segmenter.ready:
+            raise api_error(
+                HTTPServiceUnavailable, "not_ready", "the model is loading; try again shortly", retry_after=1
+            )
+
+    def _account(self, request: Request, response: Response, request_id: str, elapsed: float) -> None:
+        endpoint = self.routes.get(request.path_info)
+        route = request.path_info if endpoint else "other"
+        method = request.method if request.method in _METHOD_LABELS else "other"
+        self.metrics.observe_request(route, method, response.status_code, elapsed)
+        access_log.info(
+            "%s %s %d %d %.1fms request_id=%s",
+            request.method, request.path, response.status_code, response.content_length or 0, elapsed * 1000,
+            request_id,
+        )
+
+
+def _model_summary(card: dict) -> dict:
+    return {key: card.get(key, "unknown") for key in ("name", "version", "engine")}
+
+
+def _json_bytes(value) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _json_response(value) -> Response:
+    return Response(body=_json_bytes(value), content_type="application/json", charset=None)
+
+
+class DelayedEngine:
+    """An engine that sleeps before each prediction: SEGAPP_ENGINE_DELAY_MS, for tests of upstream timeouts."""
+
+    def __init__(self, engine, delay_ms: int):
+        self.engine = engine
+        self.delay = delay_ms / 1000
+        self.name = getattr(engine, "name", type(engine).__name__)
+
+    def predict(self, batch):
+        time.sleep(self.delay)
+        return self.engine.predict(batch)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Log segapp's lines to stderr at `level`, for servers that configure no logging of their own."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("segapp").setLevel(level)
+
+
+def make_app(settings: Settings | None = None, segmenter: Segmenter | None = None,
+             metrics: Metrics | None = None) -> SegmentationApp:
+    """The WSGI app for `settings` (default: from SEGAPP_* variables).
+
+    Without `segmenter`, loads and warms the model named by the settings (this takes the time; do it in each
+    worker after the fork). Without `metrics`, metrics are multiprocess when PROMETHEUS_MULTIPROC_DIR is set.
+    """
+    settings = settings or Settings.from_env()
+    if not logging.getLogger().handlers:
+        configure_logging(settings.log_level)
+    logging.getLogger("segapp").setLevel(settings.log_level)
+    if segmenter is None:
+        segmenter = Segmenter(settings.model, settings.threads, settings.max_pixels).load()
+    if settings.engine_delay_ms and segmenter.engine is not None:
+        segmenter.engine = DelayedEngine(segmenter.engine, settings.engine_delay_ms)
+    metrics = metrics or Metrics.from_env()
+    if segmenter.ready:
+        metrics.set_model(segmenter.card)
+    return SegmentationApp(settings, segmenter, metrics)
+
+
+class LazyApplication:
+    """A WSGI callable that makes `make_app()` on its first request, so importing this module is cheap."""
+
+    def __init__(self, factory=make_app):
+        self._factory = factory
+        self._app = None
+        self._lock = threading.Lock()
+
+    def __call__(self, environ, start_response):
+        if self._app is None:
+            with self._lock:
+                if self._app is None:
+                    self._app = self._factory()
+        return self._app(environ, start_response)
+
+
+def _inside_uwsgi() -> bool:
+    try:
+        import uwsgi
+    except ImportError:
+        return False
+    # uWSGI's embedded module has worker_id(); a folder named uwsgi/ on sys.path imports as an empty namespace.
+    return hasattr(uwsgi, "worker_id")
+
+
+# In a uWSGI worker (lazy-apps: imported after the fork) the model is loaded and warmed at import, so a bad
+# setting or model stops the worker at start-up and no request pays for the load. Anywhere else (tests,
+# waitress, gunicorn) importing is cheap and the app is made on the first request.
+application = make_app() if _inside_uwsgi() else LazyApplication()
