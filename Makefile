@@ -11,6 +11,7 @@ BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 EXTRAS ?= tensorflow,serve,bench,test
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: venv nginx wrk serve test train eval bench lint clean
 
@@ -36,7 +37,7 @@ nginx:
 wrk:
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq wrk >/dev/null; }
 
-test: venv nginx
+test: venv nginx wrk
 	$(BIN)/ruff check segapp tests bench
 	PATH="$$PATH:/usr/sbin:/sbin" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -45,6 +46,10 @@ train: venv
 
 eval: venv
 	$(BIN)/segapp-eval --model segapp/models/unet.tflite --data synthetic --count 500
+
+# The load benchmark against the real stack; results in bench/results/, figures in docs/benchmarks.md.
+bench: venv nginx wrk
+	PATH="$$PATH:/usr/sbin:/sbin" $(BIN)/python -m bench.run $(BENCH_ARGS)
 
 lint: venv
 	$(BIN)/ruff check segapp tests bench
