@@ -37,6 +37,10 @@ nginx:
 wrk:
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq wrk >/dev/null; }
 
+# The whole stack in the foreground; uwsgi/serve prints the URL once /readyz answers. Ctrl-C stops every process.
+serve: venv nginx
+	VENV=$(VENV) exec uwsgi/serve
+
 test: venv nginx wrk
 	$(BIN)/ruff check segapp tests bench
 	PATH="$$PATH:/usr/sbin:/sbin" $(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,140 @@
+"""Write nginx's configuration for the local stack into RUN/nginx/: nginx.conf, segapp.conf and uwsgi_params.
+
+nginx reads no environment variables, so uwsgi/local.ini runs this before it starts nginx. segapp.conf is the
+production site file with these literals rewritten; each must appear exactly once, or this fails loudly rather
+than start an nginx that listens or limits differently from what was asked:
+
+    listen 80;  listen [::]:80;           -> listen 127.0.0.1:PORT; (loopback only)
+    unix:/run/segapp/app.sock             -> unix:RUN/app.sock
+    /var/log/nginx/segapp.access.log      -> access.log under the prefix
+    rate=20r/s, burst=40                  <- SEGAPP_NGINX_RATE (e.g. 5r/s), SEGAPP_NGINX_BURST
+    uwsgi_read_timeout 60s;               <- SEGAPP_NGINX_READ_TIMEOUT (e.g. 2s; keep it above harakiri)
+    client_max_body_size 10m;             <- SEGAPP_MAX_BODY_BYTES, the app's own limit
+
+Standard library only: it runs before the virtual environment is known. Usage:
+    python3 nginx/render.py --run-dir RUN --port 8080
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pwd
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
+TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+
+
+class RenderError(ValueError):
+    """A setting is malformed, or segapp.conf no longer holds a literal this script rewrites."""
+
+
+def site_substitutions(run_dir: Path, port: int, environ) -> dict[str, str]:
+    """The literal -> replacement pairs for segapp.conf."""
+    subs = {
+        "listen 80;": f"listen 127.0.0.1:{port};",
+        "listen [::]:80;": "# (IPv6 listen dropped: loopback only)",
+        "unix:/run/segapp/app.sock": f"unix:{run_dir / 'app.sock'}",
+        "access_log /var/log/nginx/segapp.access.log segapp;": "access_log access.log segapp;",
+    }
+    rate = environ.get("SEGAPP_NGINX_RATE")
+    if rate:
+        if not re.fullmatch(r"\d+r/[sm]", rate):
+            raise RenderError(f"SEGAPP_NGINX_RATE={rate!r}: expected requests per second or minute, e.g. 20r/s")
+        subs["rate=20r/s"] = f"rate={rate}"
+    burst = environ.get("SEGAPP_NGINX_BURST")
+    if burst:
+        subs["burst=40"] = f"burst={_whole(burst, 'SEGAPP_NGINX_BURST')}"
+    timeout = environ.get("SEGAPP_NGINX_READ_TIMEOUT")
+    if timeout:
+        if not re.fullmatch(r"\d+(ms|s|m)?", timeout):
+            raise RenderError(f"SEGAPP_NGINX_READ_TIMEOUT={timeout!r}: expected a duration such as 2s or 500ms")
+        subs["uwsgi_read_timeout 60s;"] = f"uwsgi_read_timeout {timeout};"
+    body = environ.get("SEGAPP_MAX_BODY_BYTES")
+    if body:
+        subs["client_max_body_size 10m;"] = f"client_max_body_size {_whole(body.replace('_', ''), 'SEGAPP_MAX_BODY_BYTES')};"
+    return subs
+
+
+def render_site(text: str, subs: dict[str, str]) -> str:
+    """`text` with every literal of `subs` replaced; each must occur exactly once."""
+    for literal, replacement in subs.items():
+        found = text.count(literal)
+        if found != 1:
+            raise RenderError(f"segapp.conf holds {literal!r} {found} times, expected once; update nginx/render.py")
+        text = text.replace(literal, replacement)
+    return text
+
+
+def nginx_conf_dir() -> Path:
+    """The folder of the installed nginx's own configuration (where its uwsgi_params lives)."""
+    nginx = find_nginx()
+    if nginx:
+        built = subprocess.run([nginx, "-V"], capture_output=True, text=True).stderr
+        match = re.search(r"--conf-path=(\S+)", built)
+        if match:
+            return Path(match.group(1)).parent
+    return Path("/etc/nginx")
+
+
+def find_nginx() -> str | None:
+    """The nginx executable on PATH or in the sbin folders, which are not on a plain user's PATH."""
+    return shutil.which("nginx", path=os.pathsep.join([os.environ.get("PATH", ""), *SBIN]))
+
+
+def render(run_dir: Path, port: int, user: str | None = None, environ=os.environ) -> Path:
+    """Write RUN/nginx/{nginx.conf, segapp.conf, uwsgi_params} and its temp folder; returns RUN/nginx.
+
+    `user` ("user group") is nginx's worker user when nginx's master runs as root: uWSGI's user, so that nginx's
+    workers can open the 660 socket (left alone, root's nginx workers run as nobody and every request is a 502).
+    """
+    out = run_dir / "nginx"
+    (out / "tmp").mkdir(parents=True, exist_ok=True)
+    site = render_site((HERE / "segapp.conf").read_text(), site_substitutions(run_dir, port, environ))
+    (out / "segapp.conf").write_text(site)
+    main_conf = (HERE / "nginx.conf").read_text()
+    if user:
+        main_conf = f"# written by nginx/render.py: nginx starts as root here\nuser {user};\n" + main_conf
+    (out / "nginx.conf").write_text(main_conf)
+    params = nginx_conf_dir() / "uwsgi_params"
+    if not params.exists():
+        raise RenderError(f"{params} is missing: is nginx installed? (make nginx)")
+    shutil.copyfile(params, out / "uwsgi_params")
+    return out
+
+
+def _uid(user: str) -> int:
+    return int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid
+
+
+def _whole(raw: str, name: str) -> int:
+    if not raw.isdigit() or int(raw) < 1:
+        raise RenderError(f"{name}={raw!r}: expected a whole number of at least 1")
+    return int(raw)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", type=Path, required=True, help="the run folder (socket, pid, temp files)")
+    parser.add_argument("--port", type=int, default=8080, help="the loopback port nginx listens on")
+    parser.add_argument("--user", nargs=2, metavar=("USER", "GROUP"), help="nginx's worker user when started as root")
+    args = parser.parse_args(argv)
+    # uWSGI spawns nginx after it drops to its uid: nginx's master is root only when that uid is root too.
+    user = " ".join(args.user) if args.user and os.geteuid() == 0 and _uid(args.user[0]) == 0 else None
+    try:
+        out = render(args.run_dir.resolve(), args.port, user)
+    except (RenderError, OSError) as error:
+        print(f"nginx/render.py: {error}", file=sys.stderr)
+        return 1
+    print(f"nginx/render.py: wrote {out}/nginx.conf for 127.0.0.1:{args.port}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
