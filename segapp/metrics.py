@@ -22,7 +22,7 @@ import os
 from collections.abc import Mapping
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -92,6 +92,11 @@ class Metrics:
         self.model_info.labels(
             str(card.get("name", "unknown")), str(card.get("version", "unknown")), str(card.get("engine", "unknown")),
         ).set(1)
+
+    def forget_process(self, pid: int) -> None:
+        """In multiprocess mode, drop the live gauges of process `pid` (a worker that exits) from the sums."""
+        if self.multiprocess_dir:
+            mark_process_dead(pid, self.multiprocess_dir)
 
     def exposition(self) -> tuple[bytes, str]:
         """The Prometheus text format of all metrics (summed over processes in multiprocess mode), and its

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import threading
 import time
 
@@ -231,7 +232,11 @@ def make_app(settings: Settings | None = None, segmenter: Segmenter | None = Non
 
 
 class LazyApplication:
-    """A WSGI callable that makes `make_app()` on its first request, so importing this module is cheap."""
+    """A WSGI callable that makes `make_app()` on its first request, so importing this module is cheap.
+
+    If making the app fails (a bad setting, a missing model), the request gets a JSON 503 `not_ready`, the
+    traceback goes to the log, and the next request tries again.
+    """
 
     def __init__(self, factory=make_app):
         self._factory = factory
@@ -242,7 +247,16 @@ class LazyApplication:
         if self._app is None:
             with self._lock:
                 if self._app is None:
-                    self._app = self._factory()
+                    try:
+                        self._app = self._factory()
+                    except Exception:
+                        request_id = request_id_for(environ.get("HTTP_X_REQUEST_ID"))
+                        log.exception("could not make the app request_id=%s", request_id)
+                        error = api_error(HTTPServiceUnavailable, "not_ready",
+                                          "the service could not load its model; see the server log", retry_after=1)
+                        response = render_error(error, request_id)
+                        response.headers["X-Request-ID"] = request_id
+                        return response(environ, start_response)
         return self._app(environ, start_response)
 
 
@@ -255,7 +269,17 @@ def _inside_uwsgi() -> bool:
     return hasattr(uwsgi, "worker_id")
 
 
+def _uwsgi_worker_application() -> SegmentationApp:
+    import uwsgi
+
+    app = make_app()
+    pid = os.getpid()
+    # A worker that stops (reload, max-requests) must leave the summed in-flight and model-info gauges.
+    uwsgi.atexit = lambda: app.metrics.forget_process(pid)
+    return app
+
+
 # In a uWSGI worker (lazy-apps: imported after the fork) the model is loaded and warmed at import, so a bad
 # setting or model stops the worker at start-up and no request pays for the load. Anywhere else (tests,
 # waitress, gunicorn) importing is cheap and the app is made on the first request.
-application = make_app() if _inside_uwsgi() else LazyApplication()
+application = _uwsgi_worker_application() if _inside_uwsgi() else LazyApplication()

@@ -121,6 +121,20 @@ def test_multiprocess_mode_sums_over_worker_processes(tmp_path, app_for, fake_se
     assert sample(text, "segapp_model_info", name="segapp-unet", version="1.0.0", engine="zeros") == 1
 
 
+def test_exited_worker_leaves_the_in_flight_sum(tmp_path, app_for, fake_segmenter):
+    environ = {**os.environ, MULTIPROCESS_ENV: str(tmp_path), "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    stuck = WORKER + "app.metrics.in_flight.inc()\nprint(__import__('os').getpid())\n"
+    done = subprocess.run([sys.executable, "-c", stuck, "1"], env=environ, cwd=REPO, capture_output=True, check=True)
+    scrape = Metrics(tmp_path)
+    assert sample(scrape.exposition()[0].decode(), "segapp_requests_in_flight") == 1
+    scrape.forget_process(int(done.stdout))
+    # With no live worker the gauge has no samples at all.
+    assert (sample(scrape.exposition()[0].decode(), "segapp_requests_in_flight") or 0) == 0
+    # Counters of the exited worker still count.
+    assert sample(scrape.exposition()[0].decode(), "segapp_requests_total", route="/healthz", method="GET",
+                  status="200") == 1
+
+
 @pytest.mark.parametrize("environ, multiprocess", [({}, False), ({MULTIPROCESS_ENV: ""}, False),
                                                    ({MULTIPROCESS_ENV: "/run/segapp-metrics"}, True)])
 def test_from_env_chooses_multiprocess_mode_by_variable(environ, multiprocess):

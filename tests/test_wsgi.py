@@ -429,6 +429,25 @@ def test_application_loads_nothing_until_first_request(unloaded_fake_segmenter):
     assert built == [1]
 
 
+def test_application_that_cannot_be_made_answers_503_and_retries(unloaded_fake_segmenter, caplog):
+    attempts = []
+
+    def factory():
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise FileNotFoundError("model file /srv/missing.tflite does not exist")
+        return make_app(Settings(), segmenter=unloaded_fake_segmenter.load(), metrics=Metrics())
+
+    app = TestApp(LazyApplication(factory))
+    with caplog.at_level(logging.ERROR, logger="segapp"):
+        failed = app.get("/healthz", headers={"X-Request-ID": "boot-1"}, status=503)
+    error = assert_json_error(failed, 503, "not_ready")
+    assert error["request_id"] == "boot-1" and "missing.tflite" not in failed.text
+    assert "missing.tflite" in caplog.text and "boot-1" in caplog.text
+    assert app.get("/healthz").json == {"status": "ok"}
+    assert len(attempts) == 2
+
+
 def test_module_application_is_lazy():
     from segapp import wsgi
 
