@@ -83,7 +83,10 @@ class SegmentationApp:
         timing = f"total;dur={elapsed * 1000:.2f}"
         stages = response.headers.get("Server-Timing")
         response.headers["Server-Timing"] = f"{stages}, {timing}" if stages else timing
-        self._account(request, response, request_id, elapsed)
+        try:
+            self._account(request, response, request_id, elapsed)
+        except Exception:  # metrics or a log handler failing must not cost the client its answer
+            log.exception("could not record request_id=%s", request_id)
         return response(environ, start_response)
 
     def dispatch(self, request: Request) -> Response:

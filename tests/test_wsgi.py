@@ -375,6 +375,18 @@ def test_unexpected_exception_is_500_with_traceback_only_in_log(app_for, failing
     assert "engine exploded" in caplog.text and "Traceback" in caplog.text
 
 
+class BrokenMetrics(Metrics):
+    def observe_request(self, *args):
+        raise OSError("No space left on device")
+
+
+def test_failing_metrics_do_not_cost_the_client_its_answer(app_for, fake_segmenter, caplog):
+    app = app_for(fake_segmenter, metrics=BrokenMetrics())
+    with caplog.at_level(logging.ERROR, logger="segapp"):
+        assert app.get("/healthz").json == {"status": "ok"}
+    assert "No space left on device" in caplog.text
+
+
 # --- request IDs and logging --------------------------------------------------------------------------------
 
 def test_sane_request_id_is_echoed(app):
