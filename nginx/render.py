@@ -58,7 +58,8 @@ def site_substitutions(run_dir: Path, port: int, environ) -> dict[str, str]:
         subs["uwsgi_read_timeout 60s;"] = f"uwsgi_read_timeout {timeout};"
     body = environ.get("SEGAPP_MAX_BODY_BYTES")
     if body:
-        subs["client_max_body_size 10m;"] = f"client_max_body_size {_whole(body.replace('_', ''), 'SEGAPP_MAX_BODY_BYTES')};"
+        limit = _whole(body.replace("_", ""), "SEGAPP_MAX_BODY_BYTES")
+        subs["client_max_body_size 10m;"] = f"client_max_body_size {limit};"
     return subs
 
 

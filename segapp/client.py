@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     outcomes: list[Outcome] = []
     seen: set[Path] = set()
     jobs = []
-    for source, target in zip(args.images, targets):
+    for source, target in zip(args.images, targets, strict=True):
         if target in seen:  # two inputs with one name would overwrite each other's answer in OUT
             outcomes.append(Outcome(source, None, f"another input also writes {target}"))
             continue

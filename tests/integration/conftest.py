@@ -1,0 +1,270 @@
+"""The real stack under test: `uwsgi --ini uwsgi/local.ini` (uWSGI master, workers, nginx as its attached daemon) on
+a free loopback port with a temporary run folder, exactly as `make serve` runs it.
+
+`start_stack(**env)` starts one, waits for /readyz through nginx and returns a `Stack`; `Stack.stop()` sends SIGTERM
+and asserts that every process it started (master, workers, nginx master and workers) is gone. Variants (a low rate
+limit, a short read timeout, a slowed engine, another model) are environment variables that uwsgi/local.ini and
+nginx/render.py understand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+UWSGI = Path(sys.executable).with_name("uwsgi")
+SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+NGINX = shutil.which("nginx", path=SBIN_PATH)
+# A loaded two-core machine loads two LiteRT workers in a few seconds; allow far more.
+READY_TIMEOUT_S = 120
+STOP_TIMEOUT_S = 60
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+    def json(self):
+        return json.loads(self.body)
+
+
+@dataclass
+class Stack:
+    """A running stack: its URL, run folder, log and master process."""
+
+    run_dir: Path
+    port: int
+    process: subprocess.Popen
+    log_path: Path
+    env: dict = field(repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+                timeout: float = 60) -> Answer:
+        """One HTTP request through nginx, on a connection of its own."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            connection.request(method, path, body=body, headers=headers or {})
+            response = connection.getresponse()
+            return Answer(response.status, response.headers, response.read())
+        finally:
+            connection.close()
+
+    def infer(self, image: bytes, query: str = "", headers: dict | None = None, timeout: float = 60) -> Answer:
+        return self.request("POST", "/infer" + query, image, {"Content-Type": "image/jpeg", **(headers or {})},
+                            timeout=timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stats(self) -> dict:
+        """The uWSGI stats socket's JSON."""
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(10)
+            client.connect(str(self.run_dir / "stats.sock"))
+            chunks = []
+            while chunk := client.recv(65536):
+                chunks.append(chunk)
+        return json.loads(b"".join(chunks))
+
+    def worker_pids(self) -> list[int]:
+        return [worker["pid"] for worker in self.stats()["workers"] if worker["pid"]]
+
+    def processes(self) -> set[int]:
+        """The master and every process below it: workers, nginx's master and its workers."""
+        return {self.process.pid} | descendants(self.process.pid)
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"uWSGI exited with {self.process.returncode} before ready:\n{self.log()[-4000:]}")
+            try:
+                if self.request("GET", "/readyz", timeout=5).status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"/readyz did not answer 200 within {timeout} s:\n{self.log()[-4000:]}")
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> float:
+        """SIGTERM to the master; asserts every process of the stack is gone within `timeout` s; returns seconds."""
+        started = time.monotonic()
+        pids = self.processes()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout)
+            left = wait_gone(pids, max(1.0, timeout - (time.monotonic() - started)))
+        except subprocess.TimeoutExpired:
+            left = alive(pids)
+        if left:
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            raise AssertionError(f"processes {sorted(left)} outlived the stack by {timeout} s:\n{self.log()[-3000:]}")
+        return time.monotonic() - started
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process whose parent chain leads to `pid`."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    """The pids of `pids` that still run (zombies count as gone)."""
+    running = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            running.add(pid)
+    return running
+
+
+def wait_gone(pids: set[int], timeout: float) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while (left := alive(pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_user() -> tuple[str | None, str]:
+    """The user uWSGI should drop to, and why. As root: www-data when it can read the interpreter and this checkout
+    (else None: stay root, as uwsgi/serve does); as anyone else: None, there is nothing to drop."""
+    if os.geteuid() != 0:
+        return None, "the tests run as a normal user: uWSGI has no privileges to drop"
+    readable = subprocess.run(
+        ["runuser", "-u", "www-data", "--", "test", "-r", os.__file__, "-a", "-r", str(ROOT / "segapp" / "wsgi.py")],
+        capture_output=True,
+    )
+    if readable.returncode != 0:
+        return None, f"www-data cannot read {os.__file__} or {ROOT}: the interpreter lives where only root may read"
+    return "www-data", "started as root; workers drop to www-data"
+
+
+def make_run_dir() -> Path:
+    """A fresh run folder that the user uWSGI drops to can enter (mkdtemp's are 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="segapp-it-"))
+    path.chmod(0o755)
+    return path
+
+
+def start_stack(run_dir: Path | None = None, **env: str) -> Stack:
+    """Start uwsgi --ini uwsgi/local.ini with SEGAPP_* `env` on a free port; returns once /readyz answers 200."""
+    if NGINX is None:
+        pytest.fail("nginx is not installed: run `make nginx`")
+    run_dir = run_dir or make_run_dir()
+    port = free_port()
+    user, _ = run_user()
+    full_env = {
+        **os.environ,
+        "PATH": SBIN_PATH,
+        "SEGAPP_RUN_DIR": str(run_dir),
+        "SEGAPP_PORT": str(port),
+        "SEGAPP_PROCESSES": "2",
+        # The shared default stack serves hundreds of requests from one address; the rate-limit test sets its own.
+        "SEGAPP_NGINX_RATE": "10000r/s",
+        "SEGAPP_NGINX_BURST": "10000",
+        **({"SEGAPP_UID": user, "SEGAPP_GID": user} if user else {}),
+        **env,
+    }
+    log_path = run_dir / "stack.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [str(UWSGI), "--ini", str(ROOT / "uwsgi" / "local.ini")],
+            cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    stack = Stack(run_dir, port, process, log_path, full_env)
+    try:
+        stack.wait_ready()
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+@pytest.fixture(scope="session")
+def jpeg() -> bytes:
+    """A 640 x 480 JPEG photo-like image."""
+    rng = np.random.default_rng(4)
+    ys, xs = np.mgrid[0:480, 0:640]
+    pixels = np.stack([xs * 255 // 639, ys * 255 // 479, (xs + ys) % 256], axis=-1)
+    pixels = pixels + rng.integers(-20, 20, pixels.shape)
+    out = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB").save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="session")
+def run_as() -> tuple[str | None, str]:
+    """(the user uWSGI drops to or None, why): see `run_user`."""
+    return run_user()
+
+
+@pytest.fixture(scope="module")
+def stack():
+    """The stack with default settings, shared by a test module; stopped (every process gone) after it."""
+    running = start_stack()
+    yield running
+    running.stop()
+    shutil.rmtree(running.run_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def stack_factory():
+    """Start stacks with settings of their own; each is stopped, with every process gone, after the test."""
+    started: list[Stack] = []
+
+    def start(**env: str) -> Stack:
+        started.append(start_stack(**env))
+        return started[-1]
+
+    yield start
+    for running in started:
+        if running.process.poll() is None or alive(running.processes()):
+            running.stop()
+        shutil.rmtree(running.run_dir, ignore_errors=True)
