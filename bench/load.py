@@ -26,14 +26,17 @@ def wrk(url: str, image: Path, concurrency: int, seconds: float, timeout_s: floa
         f"-c{concurrency}",
         f"-t{min(concurrency, 2)}",
         f"-d{max(1, round(seconds))}s",
-        f"--timeout={timeout_s}s",
+        f"--timeout={max(1, round(timeout_s))}s",
         "--latency",
         "-s",
         str(LUA),
         url,
     ]
     env = {**os.environ, "SEGAPP_BENCH_IMAGE": str(image)}
-    out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=seconds + 60, check=True).stdout
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=seconds + 60)
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
+    out = done.stdout
     line = next(line for line in out.splitlines() if line.startswith("WRK_JSON "))
     raw = json.loads(line.removeprefix("WRK_JSON "))
     statuses = {int(k): v for k, v in raw["statuses"].items()}

@@ -46,16 +46,16 @@ class Stack:
     def __enter__(self) -> Stack:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         uwsgi = Path(sys.executable).with_name("uwsgi")
-        log = open(self.run_dir / "stack.log", "wb")  # noqa: SIM115 (lives as long as the stack)
         started = time.perf_counter()
-        self.process = subprocess.Popen(
-            [str(uwsgi), "--ini", str(ROOT / "uwsgi" / "local.ini")],
-            cwd=ROOT,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with open(self.run_dir / "stack.log", "wb") as log:  # the child keeps its own descriptor
+            self.process = subprocess.Popen(
+                [str(uwsgi), "--ini", str(ROOT / "uwsgi" / "local.ini")],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = started + 120
         while time.perf_counter() < deadline:
             if self.process.poll() is not None:
