@@ -48,18 +48,10 @@ class Answer:
 
 
 @dataclass
-class Stack:
-    """A running stack: its URL, run folder, log and master process."""
+class Endpoint:
+    """nginx on a loopback port."""
 
-    run_dir: Path
     port: int
-    process: subprocess.Popen
-    log_path: Path
-    env: dict = field(repr=False)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
                 timeout: float = 60) -> Answer:
@@ -71,6 +63,20 @@ class Stack:
             return Answer(response.status, response.headers, response.read())
         finally:
             connection.close()
+
+
+@dataclass
+class Stack(Endpoint):
+    """A running stack: its port, run folder, log and master process."""
+
+    run_dir: Path
+    process: subprocess.Popen
+    log_path: Path
+    env: dict = field(repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def infer(self, image: bytes, query: str = "", headers: dict | None = None, timeout: float = 60) -> Answer:
         return self.request("POST", "/infer" + query, image, {"Content-Type": "image/jpeg", **(headers or {})},
@@ -102,7 +108,10 @@ class Stack:
             if self.process.poll() is not None:
                 raise AssertionError(f"uWSGI exited with {self.process.returncode} before ready:\n{self.log()[-4000:]}")
             try:
-                if self.request("GET", "/readyz", timeout=5).status == 200:
+                # Every worker has loaded the app: a SIGTERM during a worker's app load is lost (uWSGI 2.0.31).
+                if self.request("GET", "/readyz", timeout=5).status == 200 and all(
+                    worker["apps"] for worker in self.stats()["workers"]
+                ):
                     return
             except OSError:
                 pass
@@ -218,7 +227,7 @@ def start_stack(run_dir: Path | None = None, **env: str) -> Stack:
             [str(UWSGI), "--ini", str(ROOT / "uwsgi" / "local.ini")],
             cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
-    stack = Stack(run_dir, port, process, log_path, full_env)
+    stack = Stack(port, run_dir, process, log_path, full_env)
     try:
         stack.wait_ready()
     except BaseException:
@@ -268,3 +277,36 @@ def stack_factory():
         if running.process.poll() is None or alive(running.processes()):
             running.stop()
         shutil.rmtree(running.run_dir, ignore_errors=True)
+
+
+def render_nginx(run_dir: Path, port: int, **env: str) -> Path:
+    """nginx/render.py's configuration for `run_dir` and `port`, as uwsgi/local.ini writes it; returns RUN/nginx."""
+    subprocess.run([sys.executable, str(ROOT / "nginx" / "render.py"), "--run-dir", str(run_dir), "--port", str(port)],
+                   check=True, env={**os.environ, "PATH": SBIN_PATH, **env}, capture_output=True)
+    return run_dir / "nginx"
+
+
+@pytest.fixture
+def nginx_alone():
+    """nginx as uwsgi/local.ini starts it, but with no uWSGI behind it: an Endpoint, stopped after the test."""
+    if NGINX is None:
+        pytest.fail("nginx is not installed: run `make nginx`")
+    run_dir = make_run_dir()
+    endpoint = Endpoint(free_port())
+    prefix = render_nginx(run_dir, endpoint.port)
+    process = subprocess.Popen([NGINX, "-p", f"{prefix}/", "-c", "nginx.conf", "-e", "stderr"],
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", endpoint.port), timeout=5).close()
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"nginx did not listen on {endpoint.port}: {process.poll()=}") from None
+            time.sleep(0.1)
+    yield endpoint
+    process.send_signal(signal.SIGQUIT)
+    process.wait(timeout=30)
+    assert not wait_gone(descendants(process.pid) | {process.pid}, 10)
+    shutil.rmtree(run_dir, ignore_errors=True)
