@@ -118,9 +118,22 @@ class Stack(Endpoint):
             time.sleep(0.2)
         raise AssertionError(f"/readyz did not answer 200 within {timeout} s:\n{self.log()[-4000:]}")
 
+    def wait_apps_loaded(self, timeout: float) -> None:
+        """Until every worker has loaded the app (or `timeout`): uWSGI 2.0.31 loses a SIGTERM that arrives while a
+        worker is still loading, and its master then waits for ever; see docs/operations.md."""
+        deadline = time.monotonic() + timeout
+        while self.process.poll() is None and time.monotonic() < deadline:
+            try:
+                if all(worker["apps"] for worker in self.stats()["workers"]):
+                    return
+            except (OSError, ValueError):
+                return
+            time.sleep(0.2)
+
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> float:
         """SIGTERM to the master; asserts every process of the stack is gone within `timeout` s; returns seconds."""
         started = time.monotonic()
+        self.wait_apps_loaded(timeout)
         pids = self.processes()
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -282,7 +295,7 @@ def stack_factory():
 def render_nginx(run_dir: Path, port: int, **env: str) -> Path:
     """nginx/render.py's configuration for `run_dir` and `port`, as uwsgi/local.ini writes it; returns RUN/nginx."""
     subprocess.run([sys.executable, str(ROOT / "nginx" / "render.py"), "--run-dir", str(run_dir), "--port", str(port)],
-                   check=True, env={**os.environ, "PATH": SBIN_PATH, **env}, capture_output=True)
+                   check=True, env={**os.environ, "PATH": SBIN_PATH, **env}, capture_output=True, text=True)
     return run_dir / "nginx"
 
 
@@ -310,3 +323,34 @@ def nginx_alone():
     process.wait(timeout=30)
     assert not wait_gone(descendants(process.pid) | {process.pid}, 10)
     shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def nginx_binary() -> str:
+    if NGINX is None:
+        pytest.fail("nginx is not installed: run `make nginx`")
+    return NGINX
+
+
+@pytest.fixture(scope="session")
+def uwsgi_binary() -> str:
+    return str(UWSGI)
+
+
+@pytest.fixture(name="render_nginx")
+def render_nginx_fixture():
+    """`render_nginx(run_dir, port, **env)`: nginx/render.py's output folder."""
+    return render_nginx
+
+
+@pytest.fixture
+def run_dir():
+    """A fresh run folder that the user uWSGI drops to can enter; removed afterwards."""
+    path = make_run_dir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

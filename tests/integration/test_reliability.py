@@ -1,0 +1,152 @@
+"""The stack under events: a worker killed mid-stream, a model swapped by chain reload, SIGTERM mid-request."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from segapp.inference import SHIPPED_MODEL, card_path
+
+pytestmark = pytest.mark.integration
+
+
+class RequestStream:
+    """Clients POSTing an image in a loop on threads of their own; counts answers by status (or exception name)."""
+
+    def __init__(self, stack, image: bytes, clients: int = 2):
+        self.stack, self.image = stack, image
+        self.outcomes: list[str] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def __enter__(self) -> RequestStream:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=120)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                answer = self.stack.infer(self.image, timeout=60)
+                outcome = str(answer.status)
+                detail = answer.body[:200].decode(errors="replace")
+            except OSError as error:
+                outcome = detail = type(error).__name__
+            with self._lock:
+                self.outcomes.append(outcome)
+                if outcome != "200":
+                    self.failures.append(f"{outcome}: {detail}")
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.outcomes)
+
+    def wait_for(self, more: int, timeout: float = 120) -> None:
+        """Until `more` further answers have arrived."""
+        target = self.count() + more
+        deadline = time.monotonic() + timeout
+        while self.count() < target:
+            assert time.monotonic() < deadline, f"the stream stalled at {self.count()} answers"
+            time.sleep(0.05)
+
+
+def test_killed_worker_is_replaced_and_the_stream_goes_on(stack_factory, jpeg, record_property):
+    stack = stack_factory()
+    with RequestStream(stack, jpeg) as stream:
+        stream.wait_for(20)
+        victim = stack.worker_pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        killed_at = stream.count()
+        stream.wait_for(40)
+    deadline = time.monotonic() + 60
+    while len(set(stack.worker_pids()) - {victim}) < 2:
+        assert time.monotonic() < deadline, "the master did not replace the killed worker"
+        time.sleep(0.2)
+    record_property("failed_requests", len(stream.failures))
+    print(f"\nworker kill: {len(stream.failures)} failed of {len(stream.outcomes)} requests: {stream.failures}")
+    assert stream.outcomes[killed_at:].count("200") >= 35, "the stream went on after the kill"
+    # The one request the worker held when it died may fail (nginx answers 502: a POST is not retried);
+    # no other may. Driving this to zero is later work.
+    assert len(stream.failures) <= 2, stream.failures
+
+
+def test_chain_reload_swaps_the_model_without_a_failed_request(stack_factory, jpeg):
+    models = _readable_dir()
+    _model_version(models / "v1", "1.0.0")
+    _model_version(models / "v2", "2.0.0-test")
+    current = models / "current"
+    current.symlink_to(models / "v1", target_is_directory=True)
+    stack = stack_factory(SEGAPP_MODEL=str(current / SHIPPED_MODEL.name))
+    assert stack.request("GET", "/v1/model").json()["version"] == "1.0.0"
+    old_pids = set(stack.worker_pids())
+    with RequestStream(stack, jpeg) as stream:
+        stream.wait_for(10)
+        # The swap an operator makes: repoint the symlink atomically, then touch the reload file.
+        (models / "next").symlink_to(models / "v2", target_is_directory=True)
+        os.replace(models / "next", current)
+        (stack.run_dir / "reload").touch()
+        deadline = time.monotonic() + 120
+        while set(stack.worker_pids()) & old_pids or not all(w["apps"] for w in stack.stats()["workers"]):
+            assert time.monotonic() < deadline, f"workers not all replaced: {stack.stats()['workers']}"
+            time.sleep(0.2)
+        stream.wait_for(10)
+    versions = {stack.request("GET", "/v1/model").json()["version"] for _ in range(10)}
+    shutil.rmtree(models, ignore_errors=True)
+    print(f"\nmodel swap: {len(stream.failures)} failed of {len(stream.outcomes)} requests")
+    assert stream.failures == []
+    assert versions == {"2.0.0-test"}
+
+
+def test_sigterm_lets_the_request_in_flight_finish_then_everything_stops(stack_factory, jpeg):
+    stack = stack_factory(SEGAPP_ENGINE_DELAY_MS="3000")
+    pids = stack.processes()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        in_flight = pool.submit(stack.infer, jpeg)
+        deadline = time.monotonic() + 30
+        while not any(worker["status"] == "busy" for worker in stack.stats()["workers"]):
+            assert time.monotonic() < deadline, "the request never reached a worker"
+            time.sleep(0.05)
+        seconds = stack.stop(timeout=60)  # asserts that every process is gone
+        answer = in_flight.result(timeout=60)
+    assert answer.status == 200, answer.body[:300]
+    assert answer.headers["Content-Type"] == "image/png"
+    assert not any(Path(f"/proc/{pid}").exists() and _state(pid) != "Z" for pid in pids)
+    print(f"\nSIGTERM: all {len(pids)} processes gone in {seconds:.1f} s")
+
+
+def _readable_dir() -> Path:
+    """A new folder that the user uWSGI's workers run as can read (mkdtemp's are 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="segapp-models-"))
+    path.chmod(0o755)
+    return path
+
+
+def _model_version(folder: Path, version: str) -> None:
+    folder.mkdir(mode=0o755)
+    shutil.copyfile(SHIPPED_MODEL, folder / SHIPPED_MODEL.name)
+    card = json.loads(card_path(SHIPPED_MODEL).read_text())
+    card["version"] = version
+    (folder / card_path(SHIPPED_MODEL).name).write_text(json.dumps(card))
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
