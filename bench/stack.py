@@ -90,7 +90,11 @@ class Stack:
         return json.loads(b"".join(chunks))["workers"]
 
     def cpu_seconds(self) -> float:
-        """CPU time used so far by every process of the stack's session: uWSGI master, workers, nginx."""
+        """CPU time used so far by every process of the stack's session: uWSGI master, workers, nginx.
+
+        A live process counts its own time and that of its children it has reaped (cutime, cstime), so a worker
+        recycled by max-requests or reload-on-rss still counts, in its master's figure.
+        """
         total = 0
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
@@ -99,7 +103,7 @@ class Stack:
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            # After the command name: state, ppid, pgrp, session (index 3), ..., utime (11), stime (12).
+            # After the command name: state, ppid, pgrp, session (3), ..., utime (11), stime (12), cutime, cstime.
             if int(fields[3]) == self.process.pid:
-                total += int(fields[11]) + int(fields[12])
+                total += sum(int(value) for value in fields[11:15])
         return total / CLOCK_TICKS
