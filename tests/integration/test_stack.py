@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import grp
 import io
+import json
 import os
 import pwd
 import re
@@ -18,7 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from segapp.inference import SHIPPED_MODEL, card_path
+
 pytestmark = pytest.mark.integration
+
+SHIPPED_VERSION = json.loads(card_path(SHIPPED_MODEL).read_text())["version"]
 
 
 def test_jpeg_gets_png_mask_of_same_size(stack, jpeg):
@@ -38,7 +43,7 @@ def test_json_answer(stack, jpeg):
     body = answer.json()
     assert (body["width"], body["height"]) == (640, 480)
     assert Image.open(io.BytesIO(base64.b64decode(body["mask"]))).size == (640, 480)
-    assert body["model"]["version"] == "1.0.0"
+    assert body["model"]["version"] == SHIPPED_VERSION
 
 
 def test_overlay_answer(stack, jpeg):
@@ -51,7 +56,7 @@ def test_overlay_answer(stack, jpeg):
 def test_model_card_through_nginx(stack):
     answer = stack.request("GET", "/v1/model")
     assert answer.status == 200
-    assert answer.json()["version"] == "1.0.0"
+    assert answer.json()["version"] == SHIPPED_VERSION
 
 
 def test_client_request_id_reaches_the_app_and_comes_back(stack, jpeg):
