@@ -9,7 +9,9 @@ nginx/render.py understand.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import http.client
 import io
 import json
@@ -195,17 +197,41 @@ def free_port() -> int:
 
 
 def run_user() -> tuple[str | None, str]:
-    """The user uWSGI should drop to, and why. As root: www-data when it can read the interpreter and this checkout
-    (else None: stay root, as uwsgi/serve does); as anyone else: None, there is nothing to drop."""
+    """The user uWSGI drops to, and why: www-data when the tests run as root, nobody when they do not."""
     if os.geteuid() != 0:
         return None, "the tests run as a normal user: uWSGI has no privileges to drop"
-    readable = subprocess.run(
-        ["runuser", "-u", "www-data", "--", "test", "-r", os.__file__, "-a", "-r", str(ROOT / "segapp" / "wsgi.py")],
-        capture_output=True,
-    )
-    if readable.returncode != 0:
-        return None, f"www-data cannot read {os.__file__} or {ROOT}: the interpreter lives where only root may read"
     return "www-data", "started as root; workers drop to www-data"
+
+
+def drop_env() -> dict[str, str]:
+    """Environment for a stack started as root that drops to `run_user()`.
+
+    uWSGI drops privileges before it starts Python, so the worker user must read the standard library. Where the
+    interpreter lives under a home only root may enter (pyenv in /root on the development and CI machines), point
+    PYTHONHOME at a world-readable copy of the same interpreter's standard library; a real server installs Python
+    where every user can read it (docs/operations.md), and needs nothing of the kind.
+    """
+    user, _ = run_user()
+    if user is None:
+        return {}
+    env = {"SEGAPP_UID": user, "SEGAPP_GID": user}
+    readable = subprocess.run(["runuser", "-u", user, "--", "test", "-r", os.__file__], capture_output=True)
+    if readable.returncode != 0:
+        env["PYTHONHOME"] = str(_readable_python_home())
+    return env
+
+
+@functools.cache
+def _readable_python_home() -> Path:
+    home = Path(tempfile.mkdtemp(prefix="segapp-pythonhome-"))
+    home.chmod(0o755)
+    stdlib = Path(os.__file__).parent
+    skip = shutil.ignore_patterns("test", "site-packages", "idlelib", "tkinter", "turtledemo", "__pycache__")
+    shutil.copytree(stdlib, home / "lib" / stdlib.name, ignore=skip, symlinks=True)
+    for folder in home.rglob("*"):
+        folder.chmod(0o755 if folder.is_dir() else 0o644)
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
+    return home
 
 
 def make_run_dir() -> Path:
@@ -221,7 +247,6 @@ def start_stack(run_dir: Path | None = None, **env: str) -> Stack:
         pytest.fail("nginx is not installed: run `make nginx`")
     run_dir = run_dir or make_run_dir()
     port = free_port()
-    user, _ = run_user()
     full_env = {
         **os.environ,
         "PATH": SBIN_PATH,
@@ -231,7 +256,7 @@ def start_stack(run_dir: Path | None = None, **env: str) -> Stack:
         # The shared default stack serves hundreds of requests from one address; the rate-limit test sets its own.
         "SEGAPP_NGINX_RATE": "10000r/s",
         "SEGAPP_NGINX_BURST": "10000",
-        **({"SEGAPP_UID": user, "SEGAPP_GID": user} if user else {}),
+        **drop_env(),
         **env,
     }
     log_path = run_dir / "stack.log"
@@ -259,6 +284,12 @@ def jpeg() -> bytes:
     out = io.BytesIO()
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB").save(out, format="JPEG", quality=85)
     return out.getvalue()
+
+
+@pytest.fixture(scope="session")
+def user_env() -> dict[str, str]:
+    """The environment that makes a stack started as root drop to `run_user()`: see `drop_env`."""
+    return drop_env()
 
 
 @pytest.fixture(scope="session")

@@ -66,18 +66,15 @@ def test_nginx_site_file_in_a_debian_like_main_config(nginx_binary, repo_root, t
 
 
 @pytest.mark.parametrize("ini", ["segapp.ini", "local.ini"])
-def test_uwsgi_strict_mode_accepts_the_ini(ini, repo_root, uwsgi_binary, run_as, run_dir):
-    user, _ = run_as
+def test_uwsgi_strict_mode_accepts_the_ini(ini, repo_root, uwsgi_binary, run_dir, user_env):
     env = {
         **os.environ,
         "PATH": os.environ.get("PATH", "") + ":/usr/sbin:/sbin",
         "SEGAPP_RUN_DIR": str(run_dir),
         "SEGAPP_PORT": str(free_port()),
         "SEGAPP_PROCESSES": "1",
-        **({"SEGAPP_UID": user, "SEGAPP_GID": user} if user else {}),
+        **user_env,
     }
-    if os.geteuid() == 0 and not user:
-        env.update(SEGAPP_UID="root", SEGAPP_GID="root")
     log_path = run_dir / "uwsgi.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen([uwsgi_binary, "--ini", str(repo_root / "uwsgi" / ini)], cwd=repo_root, env=env,
