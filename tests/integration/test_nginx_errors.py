@@ -1,4 +1,4 @@
-"""nginx's own errors are JSON in the app's shape: 429 (rate limit), 502 (uWSGI down), 504 (read timeout).
+"""nginx's own errors are JSON in the app's shape: 429 (rate limit), 502 (uWSGI down), 503 (overload), 504 (timeout).
 (413 is in test_stack.py, on the shared stack.)"""
 
 from __future__ import annotations
@@ -29,6 +29,19 @@ def test_burst_over_rate_limit_gets_json_429_and_probes_are_not_limited(stack_fa
     assert statuses.count(429) == 5, statuses
     assert_nginx_error(next(a for a in answers if a.status == 429), 429, "rate_limited")
     assert {stack.request("GET", "/readyz").status for _ in range(10)} == {200}
+
+
+def test_more_requests_in_flight_than_allowed_are_shed_with_json_503(stack_factory, jpeg):
+    # Two requests may be in flight; each takes at least 0.5 s in the engine. Eight sent at once: the ones over
+    # the bound are answered 503 by nginx at once, the others are served; none is lost or left hanging.
+    stack = stack_factory(SEGAPP_NGINX_MAX_INFLIGHT="2", SEGAPP_ENGINE_DELAY_MS="500")
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda _: stack.infer(jpeg), range(8)))
+    statuses = sorted(answer.status for answer in answers)
+    assert set(statuses) == {200, 503}, statuses
+    assert 2 <= statuses.count(200) <= 6, statuses
+    assert_nginx_error(next(a for a in answers if a.status == 503), 503, "unavailable")
+    assert stack.request("GET", "/readyz").status == 200  # probes are not counted against the bound
 
 
 def test_request_outliving_read_timeout_gets_json_504(stack_factory, jpeg):
