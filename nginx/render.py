@@ -8,7 +8,7 @@ than start an nginx that listens or limits differently from what was asked:
     unix:/run/segapp/app.sock             -> unix:RUN/app.sock
     /var/log/nginx/segapp.access.log      -> access.log under the prefix
     rate=20r/s, burst=40                  <- SEGAPP_NGINX_RATE (e.g. 5r/s), SEGAPP_NGINX_BURST
-    limit_conn segapp_inflight 128;       <- SEGAPP_NGINX_MAX_INFLIGHT (requests in flight, all clients)
+    limit_conn segapp_inflight 64;       <- SEGAPP_NGINX_MAX_INFLIGHT (requests in flight, all clients)
     uwsgi_read_timeout 60s;               <- SEGAPP_NGINX_READ_TIMEOUT (e.g. 2s; keep it above harakiri)
     client_max_body_size 10m;             <- SEGAPP_MAX_BODY_BYTES, the app's own limit
 
@@ -54,7 +54,7 @@ def site_substitutions(run_dir: Path, port: int, environ) -> dict[str, str]:
         subs["burst=40"] = f"burst={_whole(burst, 'SEGAPP_NGINX_BURST')}"
     inflight = environ.get("SEGAPP_NGINX_MAX_INFLIGHT")
     if inflight:
-        subs["limit_conn segapp_inflight 128;"] = (
+        subs["limit_conn segapp_inflight 64;"] = (
             f"limit_conn segapp_inflight {_whole(inflight, 'SEGAPP_NGINX_MAX_INFLIGHT')};"
         )
     timeout = environ.get("SEGAPP_NGINX_READ_TIMEOUT")
