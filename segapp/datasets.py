@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from segapp import scenes
-from segapp.imaging import ImageError, decode_image
+from segapp.imaging import ImageError, decode_image, resize_pixels
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 _MAX_PIXELS = 100_000_000
@@ -78,7 +78,7 @@ def _scene_at(job: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
 
 def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Resize an image (bilinear, area-aware) and its mask (nearest) to `size` square."""
-    resized = np.asarray(Image.fromarray(image, "RGB").resize((size, size), Image.BILINEAR))
+    resized = resize_pixels(image, size, size)
     resized_mask = np.asarray(Image.fromarray(mask, "L").resize((size, size), Image.NEAREST))
     return resized, resized_mask
 
@@ -152,8 +152,19 @@ def load_samples(samples: list[Sample], size: int) -> tuple[np.ndarray, np.ndarr
     return np.stack(images), np.stack(masks)
 
 
-def pipeline(images: np.ndarray, masks: np.ndarray, batch_size: int, training: bool, seed: int = 0):
-    """The tf.data stream for training or validation: [0, 1] float images, flips when training, batched."""
+def pipeline(
+    images: np.ndarray,
+    masks: np.ndarray,
+    batch_size: int,
+    training: bool,
+    seed: int = 0,
+    border_weight: float | None = None,
+):
+    """The tf.data stream for training or validation: [0, 1] float images, flips when training, batched.
+
+    With `border_weight`, each element also carries per-pixel loss weights derived from its (flipped) mask:
+    border pixels count `border_weight` times, the others once.
+    """
     import tensorflow as tf
 
     dataset = tf.data.Dataset.from_tensor_slices((images, masks))
@@ -167,6 +178,9 @@ def pipeline(images: np.ndarray, masks: np.ndarray, batch_size: int, training: b
             flip = tf.random.uniform(()) < 0.5
             image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
             mask = tf.cond(flip, lambda: tf.image.flip_left_right(mask), lambda: mask)
-        return image, mask
+        if border_weight is None:
+            return image, mask
+        weight = tf.where(mask == scenes.BORDER, tf.constant(border_weight, tf.float32), tf.constant(1.0))
+        return image, mask, weight
 
     return dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -151,8 +151,7 @@ class Segmenter:
         if self.engine is None:
             self.engine = make_engine(self.model_path, self.threads)
         self.card = read_card(self.model_path)
-        self.card.setdefault("engine", getattr(self.engine, "name", type(self.engine).__name__))
-        self.card["engine"] = getattr(self.engine, "name", self.card["engine"])
+        self.card["engine"] = getattr(self.engine, "name", type(self.engine).__name__)
         self.input_size = int(self.card.get("input_size", [128])[0])
         self.engine.predict(np.zeros((1, self.input_size, self.input_size, 3), np.float32))
         self.ready = True

@@ -48,7 +48,6 @@ def test_pairs(data: str, count: int):
 def train(args) -> dict:
     """Train, keep the weights of the best validation mIoU, export the three artefacts, evaluate; returns the card."""
     import keras
-    import tensorflow as tf
 
     keras.utils.set_random_seed(args.seed)
     out = Path(args.out)
@@ -76,13 +75,8 @@ def train(args) -> dict:
         metrics=[keras.metrics.MeanIoU(len(CLASS_NAMES), sparse_y_true=True, sparse_y_pred=False, name="miou")],
         jit_compile=False,  # XLA made each step 4-6x slower on this 2-core CPU (measured)
     )
-    weights_mask = np.where(train_masks == CLASS_NAMES.index("border"), args.border_weight, 1.0).astype(np.float32)
-    train_stream = (
-        tf.data.Dataset.from_tensor_slices((train_images, train_masks, weights_mask))
-        .shuffle(len(train_images), seed=args.seed)
-        .map(_augment, num_parallel_calls=tf.data.AUTOTUNE)
-        .batch(args.batch_size)
-        .prefetch(tf.data.AUTOTUNE)
+    train_stream = datasets.pipeline(
+        train_images, train_masks, args.batch_size, training=True, seed=args.seed, border_weight=args.border_weight
     )
     val_stream = datasets.pipeline(val_images, val_masks, args.batch_size, training=False)
 
@@ -143,7 +137,7 @@ def train(args) -> dict:
             "best_val_miou_128px": round(best_val, 4),
         },
         "files": {name: (out / name).stat().st_size for name in ("unet.keras", "unet.tflite")},
-        "width_trade_off": WIDTH_TRADE_OFF,
+        "width_trade_off": unet.width_trade_off(),
     }
     (out / "unet.json").write_text(json.dumps(card, indent=2) + "\n")
     if args.test_count:
@@ -153,49 +147,6 @@ def train(args) -> dict:
         print(evaluation.format_table(card["quality"]))
     print(f"wrote {out}/unet.keras, unet.tflite, unet.json in {seconds:.0f} s of training", flush=True)
     return card
-
-
-# Measured by the model issue with LiteRT, one thread, one core each, on this project's 2-core machine.
-WIDTH_TRADE_OFF = [
-    {
-        "width": "full",
-        "alpha": 1.0,
-        "decoder_filters": [512, 256, 128, 64],
-        "parameters": 6.5e6,
-        "tflite_mb": 24.6,
-        "ms_per_image": 37,
-    },
-    {
-        "width": "half",
-        "alpha": 0.5,
-        "decoder_filters": [256, 128, 64, 32],
-        "parameters": 1.67e6,
-        "tflite_mb": 6.3,
-        "ms_per_image": 9.8,
-    },
-    {
-        "width": "slim",
-        "alpha": 0.35,
-        "decoder_filters": [128, 64, 32, 16],
-        "parameters": 0.63e6,
-        "tflite_mb": 2.4,
-        "ms_per_image": 3.7,
-    },
-]
-
-
-def _augment(image, mask, weight):
-    import tensorflow as tf
-
-    image = tf.cast(image, tf.float32) / 255.0
-    mask, weight = mask[..., None], weight[..., None]
-    if tf.random.uniform(()) < 0.5:
-        image, mask, weight = (
-            tf.image.flip_left_right(image),
-            tf.image.flip_left_right(mask),
-            tf.image.flip_left_right(weight),
-        )
-    return image, mask, weight
 
 
 def export(model, out: Path) -> None:

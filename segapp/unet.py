@@ -12,12 +12,30 @@ NUM_CLASSES = 3
 SKIP_LAYERS = ("block_1_expand_relu", "block_3_expand_relu", "block_6_expand_relu", "block_13_expand_relu")
 BOTTLENECK_LAYER = "block_16_project"
 
-# Widths measured with LiteRT, one thread (issue 2): (alpha, decoder filters) -> params, .tflite size, ms/image.
+# Network widths: (encoder alpha, decoder filters).
 WIDTHS = {
-    "full": (1.0, (512, 256, 128, 64)),  # 6.5 M, 24.6 MB, 37 ms
-    "half": (0.5, (256, 128, 64, 32)),  # 1.67 M, 6.3 MB, 9.8 ms
-    "slim": (0.35, (128, 64, 32, 16)),  # 0.63 M, 2.4 MB, 3.7 ms
+    "full": (1.0, (512, 256, 128, 64)),
+    "half": (0.5, (256, 128, 64, 32)),
+    "slim": (0.35, (128, 64, 32, 16)),
 }
+# Their cost, measured with LiteRT, one thread on one core of the 2-core project machine (issue 2):
+# (parameters, .tflite megabytes, milliseconds per image).
+MEASURED_COST = {"full": (6.5e6, 24.6, 37), "half": (1.67e6, 6.3, 9.8), "slim": (0.63e6, 2.4, 3.7)}
+
+
+def width_trade_off() -> list[dict]:
+    """The widths and their measured cost, for the model card."""
+    return [
+        {
+            "width": name,
+            "alpha": alpha,
+            "decoder_filters": list(filters),
+            "parameters": int(MEASURED_COST[name][0]),
+            "tflite_mb": MEASURED_COST[name][1],
+            "ms_per_image": MEASURED_COST[name][2],
+        }
+        for name, (alpha, filters) in WIDTHS.items()
+    ]
 
 
 def build_unet(alpha: float = 0.35, decoder_filters=(128, 64, 32, 16), bn_momentum: float = 0.9, name: str = "unet"):

@@ -116,3 +116,12 @@ def test_pipeline_batches_scaled_images_and_masks():
     image, mask = batches[0]
     assert image.shape == (2, 128, 128, 3) and mask.shape == (2, 128, 128, 1)
     assert float(image.numpy().min()) >= 0.0 and float(image.numpy().max()) <= 1.0
+
+
+def test_training_pipeline_weights_border_pixels_from_the_flipped_mask():
+    images, masks = datasets.synthetic_at("train", 4, 128, workers=1)
+    image, mask, weight = next(iter(datasets.pipeline(images, masks, batch_size=4, training=True, border_weight=2.5)))
+    mask, weight = mask.numpy(), weight.numpy()
+    assert weight.shape == mask.shape
+    assert set(np.unique(weight[mask == scenes.BORDER])) == {2.5}
+    assert set(np.unique(weight[mask != scenes.BORDER])) == {1.0}

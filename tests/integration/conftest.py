@@ -30,6 +30,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.stack import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 UWSGI = Path(sys.executable).with_name("uwsgi")
 SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
@@ -189,11 +191,6 @@ def wait_gone(pids: set[int], timeout: float) -> set[int]:
         time.sleep(0.1)
     return left
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def run_user() -> tuple[str | None, str]:

@@ -7,12 +7,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+
+from bench.stack import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -108,8 +109,3 @@ def test_listen_backlog_within_somaxconn(repo_root):
     listen = int(re.search(r"^listen = (\d+)$", (repo_root / "uwsgi" / "segapp.ini").read_text(), re.M).group(1))
     assert listen <= int(Path("/proc/sys/net/core/somaxconn").read_text())
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
