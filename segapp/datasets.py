@@ -7,6 +7,7 @@ the server's own decoder, so training sees pixels exactly as serving does (EXIF 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from segapp import scenes
-from segapp.imaging import ImageError, decode_image, resize_pixels
+from segapp.imaging import CLASS_NAMES, ImageError, decode_image, resize_pixels
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 _MAX_PIXELS = 100_000_000
@@ -35,15 +36,18 @@ class Sample:
     mask_path: Path | None = None
     mask_offset: int = 0  # subtracted from stored mask values (Oxford's trimaps are 1/2/3)
 
-    def load(self) -> tuple[np.ndarray, np.ndarray]:
+    def load(self, num_classes: int = len(CLASS_NAMES)) -> tuple[np.ndarray, np.ndarray]:
+        """(RGB uint8 HxWx3, class mask uint8 HxW); a mask value that is not a class 0..num_classes-1 is an error."""
         pixels = decode_image(self.image_path.read_bytes(), _MAX_PIXELS).pixels
         with Image.open(self.mask_path) as mask_image:
             mask = np.asarray(mask_image.convert("L") if mask_image.mode not in ("L", "P") else mask_image)
         mask = mask.astype(np.int16) - self.mask_offset
         if mask.shape != pixels.shape[:2]:
             raise DatasetError(f"{self.mask_path}: mask is {mask.shape[::-1]}, image is {pixels.shape[1::-1]}")
-        if mask.min() < 0 or mask.max() > 2:
-            raise DatasetError(f"{self.mask_path}: mask values must be classes 0-2 after offset {self.mask_offset}")
+        if mask.min() < 0 or mask.max() >= num_classes:
+            raise DatasetError(
+                f"{self.mask_path}: mask values must be classes 0-{num_classes - 1} after offset {self.mask_offset}"
+            )
         return pixels, mask.astype(np.uint8)
 
 
@@ -112,7 +116,7 @@ def oxford_pets(root: str | Path, split: str = "trainval") -> list[Sample]:
 
 
 def image_mask_folders(root: str | Path) -> list[Sample]:
-    """A folder with images/ and masks/ whose files share stems; mask pixel values are classes 0/1/2."""
+    """A folder with images/ and masks/ whose files share stems; mask pixel values are class indices."""
     root = Path(root)
     images, masks = root / "images", root / "masks"
     if not images.is_dir() or not masks.is_dir():
@@ -128,14 +132,74 @@ def image_mask_folders(root: str | Path) -> list[Sample]:
     return samples
 
 
+def held_out_bucket(name: str) -> str:
+    """The split an image of an images/ + masks/ folder falls in when no split file names it: 'test' for a tenth
+    of names, 'val' for another tenth, 'train' for the rest, chosen by the SHA-256 of the name alone."""
+    # By name, not by position in the listing: adding or removing images never moves another image between
+    # splits, so a model trained on an older copy of the folder is never scored on its own training images.
+    bucket = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") % 10
+    return {0: "test", 1: "val"}.get(bucket, "train")
+
+
+def split_images_masks(root: str | Path, split: str) -> list[Sample]:
+    """The 'train', 'val' or 'test' samples of an images/ + masks/ folder; the three never share an image.
+
+    `test.txt` and `val.txt` beside images/, when present, list the names (file stems, one a line, first word)
+    of those splits; an image no split file names falls in a split by `held_out_bucket`, and no image listed in
+    a split file is ever in another. An empty split is an error that says how to fill it.
+    """
+    root = Path(root)
+    samples = image_mask_folders(root)
+    by_name = {s.name: s for s in samples}
+    listed: dict[str, str] = {}
+    for held_out in ("test", "val"):
+        split_file = root / f"{held_out}.txt"
+        if not split_file.exists():
+            continue
+        for name in _split_file_names(split_file):
+            if name not in by_name:
+                raise DatasetError(f"{split_file} names {name!r}, which has no image with a mask of that name")
+            if listed.setdefault(name, held_out) != held_out:
+                raise DatasetError(f"{name!r} is listed in both test.txt and val.txt of {root}")
+    chosen = [s for s in samples if (listed.get(s.name) or _unlisted_split(root, s.name)) == split]
+    if not chosen:
+        raise DatasetError(
+            f"{root}: no image falls in the {split} split ({len(samples)} images, a tenth of names each for "
+            f"test and val); list the {split} images' names in {root / (split + '.txt')}"
+            if split != "train"
+            else f"{root}: every image is listed in test.txt or val.txt; none is left to train on"
+        )
+    return chosen
+
+
+def _unlisted_split(root: Path, name: str) -> str:
+    """An image that no split file lists: held out by its name, except from a split that has a file."""
+    bucket = held_out_bucket(name)
+    return "train" if bucket != "train" and (root / f"{bucket}.txt").exists() else bucket
+
+
+def _split_file_names(path: Path) -> list[str]:
+    return [line.split()[0] for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
 def folder_samples(root: str | Path, split: str) -> list[Sample]:
-    """Whichever folder layout `root` has: Oxford-IIIT Pet ('train' reads trainval.txt) or images/ + masks/."""
+    """The 'train', 'val' or 'test' samples of a dataset folder, in whichever layout it has.
+
+    Oxford-IIIT Pet: test is annotations/test.txt; train and val share trainval.txt, every tenth image validating.
+    images/ + masks/: `split_images_masks`. No image is in two splits.
+    """
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"unknown split {split!r}: expected 'train', 'val' or 'test'")
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root} is not a folder")
     if (root / "annotations").is_dir():
-        return oxford_pets(root, "trainval" if split in ("train", "val") else "test")
-    return image_mask_folders(root)
+        if split == "test":
+            return oxford_pets(root, "test")
+        # Every tenth image validates: deterministic, and spread over the whole list.
+        trainval = oxford_pets(root, "trainval")
+        return [s for i, s in enumerate(trainval) if (i % 10 == 0) == (split == "val")]
+    return split_images_masks(root, split)
 
 
 def load_samples(samples: list[Sample], size: int) -> tuple[np.ndarray, np.ndarray]:

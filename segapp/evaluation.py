@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -13,12 +13,15 @@ def confusion(label: np.ndarray, prediction: np.ndarray, num_classes: int = len(
     """Confusion matrix (rows: true class, columns: predicted class) of two masks of the same shape."""
     if label.shape != prediction.shape:
         raise ValueError(f"label {label.shape} and prediction {prediction.shape} differ in shape")
+    for what, mask in (("label", label), ("prediction", prediction)):
+        if mask.size and int(mask.max()) >= num_classes:
+            raise ValueError(f"{what} has class {int(mask.max())}, but there are only {num_classes} classes")
     index = label.astype(np.int64).ravel() * num_classes + prediction.astype(np.int64).ravel()
     return np.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
-def scores(matrix: np.ndarray) -> dict:
-    """Per-class IoU, their mean over classes present, and pixel accuracy, from a confusion matrix.
+def scores(matrix: np.ndarray, classes: Sequence[str] = CLASS_NAMES) -> dict:
+    """Per-class IoU by class name, their mean over classes present, and pixel accuracy, from a confusion matrix.
 
     IoU of a class = true positives / (true positives + false positives + false negatives). A class absent
     from both labels and predictions has no IoU (None) and does not count in the mean.
@@ -29,20 +32,23 @@ def scores(matrix: np.ndarray) -> dict:
     iou = [float(tp / u) if u > 0 else None for tp, u in zip(true_positive, union, strict=True)]
     present = [v for v in iou if v is not None]
     return {
-        "per_class_iou": dict(zip(CLASS_NAMES, iou, strict=True)),
+        "per_class_iou": dict(zip(classes, iou, strict=True)),
         "miou": float(np.mean(present)) if present else 0.0,
         "pixel_accuracy": float(true_positive.sum() / max(matrix.sum(), 1)),
     }
 
 
-def evaluate(segment_pixels, pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict:
-    """Scores of `segment_pixels(image) -> mask` over (image, label) pairs, at each label's own resolution."""
-    total = np.zeros((len(CLASS_NAMES), len(CLASS_NAMES)), dtype=np.int64)
+def evaluate(
+    segment_pixels, pairs: Iterable[tuple[np.ndarray, np.ndarray]], classes: Sequence[str] = CLASS_NAMES
+) -> dict:
+    """Scores of `segment_pixels(image) -> mask` over (image, label) pairs, at each label's own resolution,
+    for a model whose card names `classes`. A label or prediction outside those classes is a ValueError."""
+    total = np.zeros((len(classes), len(classes)), dtype=np.int64)
     count = 0
     for image, label in pairs:
-        total += confusion(label, segment_pixels(image))
+        total += confusion(label, segment_pixels(image), len(classes))
         count += 1
-    return {**scores(total), "images": count}
+    return {**scores(total, classes), "images": count}
 
 
 def format_table(result: dict) -> str:

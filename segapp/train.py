@@ -27,22 +27,21 @@ MODEL_NAME = "segapp-unet"
 
 
 def load_split(data: str, split: str, count: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Images and masks of a split at `size`: synthetic scenes, or a folder split 90/10 into train and val."""
+    """Images and masks of a split at `size`: synthetic scenes, or a dataset folder's split (see
+    `datasets.folder_samples`: train, val and test never share an image)."""
     if data == "synthetic":
         return datasets.synthetic_at(split, count, size)
     samples = datasets.folder_samples(data, split)
-    if split in ("train", "val"):
-        # Every tenth image validates: deterministic, and spread over the whole folder.
-        samples = [s for i, s in enumerate(samples) if (i % 10 == 0) == (split == "val")]
     return datasets.load_samples(samples[:count] if count else samples, size)
 
 
-def test_pairs(data: str, count: int):
-    """(image, label) pairs of the test split at their own resolution."""
+def test_pairs(data: str, count: int, num_classes: int = unet.NUM_CLASSES):
+    """(image, label) pairs of the held-out test split at their own resolution; labels are checked to be
+    classes 0..num_classes-1."""
     if data == "synthetic":
         return datasets.synthetic("test", count)
     samples = datasets.folder_samples(data, "test")
-    return (sample.load() for sample in (samples[:count] if count else samples))
+    return (sample.load(num_classes) for sample in (samples[:count] if count else samples))
 
 
 def train(args) -> dict:
@@ -72,7 +71,7 @@ def train(args) -> dict:
     model.compile(
         optimizer=keras.optimizers.Adam(schedule),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=[keras.metrics.MeanIoU(len(CLASS_NAMES), sparse_y_true=True, sparse_y_pred=False, name="miou")],
+        metrics=[keras.metrics.MeanIoU(unet.NUM_CLASSES, sparse_y_true=True, sparse_y_pred=False, name="miou")],
         jit_compile=False,  # XLA made each step 4-6x slower on this 2-core CPU (measured)
     )
     train_stream = datasets.pipeline(
@@ -179,7 +178,8 @@ def export_tflite(keras_path: Path, tflite_path: Path) -> None:
 def measure(model_path: Path, data: str, count: int) -> dict:
     """Quality of a model in inference mode, through the serving Segmenter, at the labels' own resolution."""
     segmenter = Segmenter(model_path).load()
-    result = evaluation.evaluate(segmenter.segment_pixels, test_pairs(data, count))
+    classes = segmenter.card["classes"]
+    result = evaluation.evaluate(segmenter.segment_pixels, test_pairs(data, count, len(classes)), classes)
     return {**result, "data": f"{data} test split", "engine": segmenter.card["engine"]}
 
 

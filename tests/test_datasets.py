@@ -1,5 +1,7 @@
 """Training data: synthetic scenes are deterministic and labelled; folder readers read real layouts or say why not."""
 
+import hashlib
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -16,9 +18,14 @@ def test_scene_is_the_same_for_the_same_seed_and_index():
 
 
 def test_splits_never_share_a_scene():
-    train, _ = scenes.scene(scenes.SPLIT_SEEDS["train"], 0)
-    test, _ = scenes.scene(scenes.SPLIT_SEEDS["test"], 0)
-    assert train.shape != test.shape or not np.array_equal(train, test)
+    # Every scene of the first 60 of each split, compared with every scene of the others: a seeding that let
+    # streams overlap (seed + index, or two splits on one seed) would repeat a scene across splits.
+    seen = {}
+    for split, seed in scenes.SPLIT_SEEDS.items():
+        for index in range(60):
+            image, mask = scenes.scene(seed, index, size=(24, 24))
+            key = hashlib.sha256(image.tobytes() + mask.tobytes()).hexdigest()
+            assert seen.setdefault(key, (split, index)) == (split, index), f"{split} {index} repeats {seen[key]}"
 
 
 def test_scenes_have_all_three_classes_and_photo_like_sizes():
@@ -63,9 +70,12 @@ def test_oxford_reader_maps_trimap_values_and_skips_missing_masks(tmp_path):
     assert [s.name for s in datasets.oxford_pets(tmp_path, "test")] == ["Birman_4"]
 
 
-def test_folder_samples_recognises_oxford_layout(tmp_path):
+def test_folder_samples_recognises_oxford_layout_and_its_splits(tmp_path):
     make_oxford(tmp_path, ["a_1", "b_2", "c_3"])
-    assert [s.name for s in datasets.folder_samples(tmp_path, "train")] == ["a_1", "b_2"]
+    # trainval.txt holds a_1 and b_2, every tenth of it (the first) validating; test.txt holds c_3.
+    assert [s.name for s in datasets.folder_samples(tmp_path, "train")] == ["b_2"]
+    assert [s.name for s in datasets.folder_samples(tmp_path, "val")] == ["a_1"]
+    assert [s.name for s in datasets.folder_samples(tmp_path, "test")] == ["c_3"]
 
 
 def test_images_and_masks_reader_pairs_by_stem(tmp_path):
@@ -125,3 +135,70 @@ def test_training_pipeline_weights_border_pixels_from_the_flipped_mask():
     assert weight.shape == mask.shape
     assert set(np.unique(weight[mask == scenes.BORDER])) == {2.5}
     assert set(np.unique(weight[mask != scenes.BORDER])) == {1.0}
+
+
+def make_images_masks(root, names):
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    for name in names:
+        Image.new("RGB", (8, 6), (len(name) * 9 % 256, 40, 90)).save(root / "images" / f"{name}.png")
+        Image.fromarray(np.full((6, 8), 1, np.uint8), "L").save(root / "masks" / f"{name}.png")
+
+
+def split_names(root) -> dict[str, list[str]]:
+    return {split: [s.name for s in datasets.folder_samples(root, split)] for split in ("train", "val", "test")}
+
+
+def test_images_and_masks_folder_holds_out_test_images_never_trained_on(tmp_path):
+    names = [f"photo_{i:03d}" for i in range(60)]
+    make_images_masks(tmp_path, names)
+    splits = split_names(tmp_path)
+    train, val, test = (set(splits[s]) for s in ("train", "val", "test"))
+    assert test and val and train
+    assert not test & train and not test & val and not val & train
+    assert train | val | test == set(names)
+    assert len(train) > len(test) and len(train) > len(val)
+
+
+def test_images_and_masks_split_keeps_each_image_in_its_split_as_the_folder_grows(tmp_path):
+    make_images_masks(tmp_path, [f"photo_{i:03d}" for i in range(40)])
+    before = split_names(tmp_path)
+    assert split_names(tmp_path) == before
+    make_images_masks(tmp_path, [f"later_{i:03d}" for i in range(40)])
+    after = split_names(tmp_path)
+    for split in ("train", "val", "test"):
+        assert set(before[split]) <= set(after[split]), split
+
+
+def test_images_and_masks_split_files_name_the_held_out_images(tmp_path):
+    names = [f"photo_{i:03d}" for i in range(30)]
+    make_images_masks(tmp_path, names)
+    (tmp_path / "test.txt").write_text("# held out by hand\nphoto_003\nphoto_017 extra words\n\n")
+    (tmp_path / "val.txt").write_text("photo_004\n")
+    splits = split_names(tmp_path)
+    assert splits["test"] == ["photo_003", "photo_017"]
+    assert splits["val"] == ["photo_004"]
+    assert sorted(splits["train"]) == sorted(set(names) - {"photo_003", "photo_017", "photo_004"})
+
+
+@pytest.mark.parametrize(
+    "test_list, val_list, message",
+    [
+        ("photo_001\nnot_there\n", None, "names 'not_there', which has no image"),
+        ("photo_001\n", "photo_001\n", "listed in both test.txt and val.txt"),
+    ],
+)
+def test_bad_split_files_get_clear_errors(tmp_path, test_list, val_list, message):
+    make_images_masks(tmp_path, [f"photo_{i:03d}" for i in range(5)])
+    (tmp_path / "test.txt").write_text(test_list)
+    if val_list:
+        (tmp_path / "val.txt").write_text(val_list)
+    with pytest.raises(datasets.DatasetError, match=message):
+        datasets.folder_samples(tmp_path, "train")
+
+
+def test_a_folder_too_small_for_a_held_out_split_says_how_to_fill_it(tmp_path):
+    names = [f"photo_{i:03d}" for i in range(40)]
+    make_images_masks(tmp_path, [n for n in names if datasets.held_out_bucket(n) == "train"][:3])
+    with pytest.raises(datasets.DatasetError, match="no image falls in the test split.*test.txt"):
+        datasets.folder_samples(tmp_path, "test")
