@@ -110,6 +110,40 @@ def read_card(model_path: str | Path) -> dict:
     }
 
 
+class ModelCardError(ValueError):
+    """A model card that does not describe its network: the message names the card and what disagrees."""
+
+
+def check_card_classes(card: dict, outputs: int, path: Path) -> None:
+    """Refuse a card whose classes or palette do not match the network's `outputs` logits per pixel.
+
+    Every answer takes its labels and colours from the card, so a card that disagrees with the network would
+    name pixels wrongly (or fail on each request); it is refused once, when the model loads.
+    """
+    classes, palette = card.get("classes"), card.get("palette")
+    where = f"model card {path}" if path.exists() else f"the model beside {path} (it has no card)"
+    if not isinstance(classes, list) or not all(isinstance(name, str) and name for name in classes):
+        raise ModelCardError(f"{where}: 'classes' must be a list of class names")
+    if len(set(classes)) != len(classes):
+        raise ModelCardError(f"{where}: 'classes' names a class twice: {classes}")
+    if len(classes) != outputs:
+        raise ModelCardError(
+            f"{where}: the card names {len(classes)} classes {classes}, but the network outputs {outputs} per pixel"
+        )
+    if outputs > 256:
+        raise ModelCardError(f"{where}: {outputs} classes do not fit a palette PNG mask (at most 256)")
+    if not isinstance(palette, list) or len(palette) != len(classes):
+        count = len(palette) if isinstance(palette, list) else "no"
+        raise ModelCardError(f"{where}: 'palette' has {count} colours for {len(classes)} classes")
+    for colour in palette:
+        if not (
+            isinstance(colour, list | tuple)
+            and len(colour) == 3
+            and all(isinstance(c, int) and 0 <= c <= 255 for c in colour)
+        ):
+            raise ModelCardError(f"{where}: palette colour {colour!r} is not [red, green, blue] in 0-255")
+
+
 @dataclass(frozen=True)
 class Segmentation:
     """A mask (uint8 H x W class indices, the image's size after EXIF orientation) and what it cost."""
@@ -118,9 +152,11 @@ class Segmentation:
     pixels: np.ndarray | None  # the decoded RGB image at full size, when `segment` was asked for it
     timings: dict[str, float] = field(default_factory=dict)  # seconds: decode, infer, postprocess
 
-    def class_fractions(self) -> list[float]:
-        """The fraction of pixels in each class."""
-        counts = np.bincount(self.mask.ravel(), minlength=len(CLASS_NAMES))
+    def class_fractions(self, num_classes: int) -> list[float]:
+        """The fraction of pixels in each of the model's `num_classes` classes (the length of its card's list)."""
+        counts = np.bincount(self.mask.ravel(), minlength=num_classes)
+        if len(counts) > num_classes:
+            raise ValueError(f"the mask has class {len(counts) - 1}, but the model has {num_classes} classes")
         return (counts / max(self.mask.size, 1)).tolist()
 
 
@@ -150,10 +186,12 @@ class Segmenter:
         """Build the engine, read the card, warm up; returns self."""
         if self.engine is None:
             self.engine = make_engine(self.model_path, self.threads)
-        self.card = read_card(self.model_path)
-        self.card["engine"] = getattr(self.engine, "name", type(self.engine).__name__)
-        self.input_size = int(self.card.get("input_size", [128])[0])
-        self.engine.predict(np.zeros((1, self.input_size, self.input_size, 3), np.float32))
+        card = read_card(self.model_path)
+        card["engine"] = getattr(self.engine, "name", type(self.engine).__name__)
+        self.input_size = int(card.get("input_size", [128])[0])
+        logits = self.engine.predict(np.zeros((1, self.input_size, self.input_size, 3), np.float32))
+        check_card_classes(card, int(logits.shape[-1]), card_path(self.model_path))
+        self.card = card
         self.ready = True
         return self
 

@@ -29,7 +29,7 @@ from webob.exc import (
 
 from segapp.config import Settings
 from segapp.errors import api_error, render_error, request_id_for
-from segapp.imaging import CLASS_NAMES, PALETTE, ImageError, ImageTooLargeError, mask_to_png, overlay_to_jpeg
+from segapp.imaging import ImageError, ImageTooLargeError, mask_to_png, overlay_to_jpeg
 from segapp.inference import Segmentation, Segmenter
 from segapp.metrics import Metrics
 from segapp.negotiation import MEDIA_TYPES, choose_format
@@ -125,15 +125,16 @@ class SegmentationApp:
     def encode(self, answer: str, result: Segmentation) -> bytes:
         """The answer's bytes: a palette PNG of the mask, JSON with that PNG in base64, or a JPEG overlay."""
         card = self.segmenter.card
-        palette = card.get("palette") or PALETTE
+        # Classes and colours come from the card, which Segmenter.load checked against the network's outputs.
+        palette = card["palette"]
         if answer == "overlay":
             return overlay_to_jpeg(result.pixels, result.mask, palette)
         png = mask_to_png(result.mask, palette)
         if answer == "png":
             return png
-        classes = list(card.get("classes") or CLASS_NAMES)
+        classes = list(card["classes"])
         height, width = result.mask.shape
-        fractions = zip(classes, result.class_fractions(), strict=False)
+        fractions = zip(classes, result.class_fractions(len(classes)), strict=True)
         return _json_bytes({
             "width": width,
             "height": height,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import struct
 import zlib
 
@@ -135,3 +136,36 @@ def app(app_for, fake_segmenter) -> TestApp:
 def real_app(app_for, shipped_segmenter) -> TestApp:
     """The app with the shipped model."""
     return app_for(shipped_segmenter)
+
+
+class BandsEngine:
+    """A stand-in network with `classes` outputs: class k on the k-th of `classes` vertical bands of the input."""
+
+    name = "bands"
+
+    def __init__(self, classes: int):
+        self.classes = classes
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        logits = np.zeros((batch.shape[0], 128, 128, self.classes), np.float32)
+        edges = np.linspace(0, 128, self.classes + 1).round().astype(int)
+        for index in range(self.classes):
+            logits[:, :, edges[index] : edges[index + 1], index] = 10.0
+        return logits
+
+
+@pytest.fixture
+def segmenter_with_classes(tmp_path):
+    """`segmenter_with_classes(outputs, classes, palette) -> Segmenter`: a `BandsEngine` with `outputs` classes
+    and a card beside its model path naming `classes` and `palette` (no card when `classes` is None); loaded,
+    which may refuse the card."""
+
+    def build(outputs: int, classes: list[str] | None, palette: list[list[int]] | None = None) -> Segmenter:
+        model = tmp_path / f"bands{outputs}.tflite"
+        if classes is not None:
+            card = {"name": f"bands-{outputs}", "version": "0.1", "classes": classes, "palette": palette,
+                    "input_size": [128, 128]}
+            model.with_suffix(".json").write_text(json.dumps(card))
+        return Segmenter(model, engine=BandsEngine(outputs)).load()
+
+    return build

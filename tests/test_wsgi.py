@@ -513,3 +513,46 @@ def test_nonsense_content_length_is_400(app, declared):
     # WebTest's lint refuses such a request before the app sees it; a real server may pass it on.
     response = request.get_response(app.app)
     assert_json_error(response, 400, "bad_request")
+
+
+# --- classes, fractions and colours come from the model card ---------------------------------------------------
+
+CARDS = {
+    2: (["cat", "not cat"], [[255, 128, 0], [10, 20, 30]]),
+    4: (["sky", "road", "car", "person"], [[0, 0, 255], [128, 128, 128], [255, 0, 0], [0, 255, 64]]),
+}
+
+
+def black_png(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height)).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("count", sorted(CARDS))
+def test_json_answer_names_the_cards_classes_with_their_fractions(app_for, segmenter_with_classes, count):
+    names, palette = CARDS[count]
+    app = app_for(segmenter_with_classes(count, names, palette))
+    body = post(app, black_png(400, 100), content_type="image/png", accept="application/json").json
+    assert body["classes"] == names
+    # The fake network puts class k on the k-th of `count` equal vertical bands.
+    assert list(body["fractions"]) == names
+    assert list(body["fractions"].values()) == pytest.approx([1 / count] * count, abs=0.01)
+    mask = Image.open(io.BytesIO(base64.b64decode(body["mask"])))
+    assert set(np.unique(np.asarray(mask)).tolist()) == set(range(count))
+    assert mask.getpalette()[: 3 * count] == [c for colour in palette for c in colour]
+    assert app.get("/v1/model").json["classes"] == names
+
+
+@pytest.mark.parametrize("count", sorted(CARDS))
+def test_png_and_overlay_answers_use_the_cards_palette(app_for, segmenter_with_classes, count):
+    names, palette = CARDS[count]
+    app = app_for(segmenter_with_classes(count, names, palette))
+    mask = png_of(post(app, black_png(400, 100), content_type="image/png"))
+    assert mask.getpalette()[: 3 * count] == [c for colour in palette for c in colour]
+    overlay = post(app, black_png(400, 100), content_type="image/png", url="/infer?format=overlay")
+    pixels = np.asarray(Image.open(io.BytesIO(overlay.body)).convert("RGB"), dtype=np.int16)
+    for index, colour in enumerate(palette):
+        # Half the class colour over a black image, read in the middle of its band; JPEG moves it a little.
+        centre = pixels[50, int((index + 0.5) * 400 / count)]
+        assert np.abs(centre - np.asarray(colour) // 2).max() <= 12, (index, centre.tolist())
