@@ -5,6 +5,7 @@ prometheus_client's multiprocess mode does that when PROMETHEUS_MULTIPROC_DIR na
 exists before the workers start (and is emptied when the master starts). The variable is prometheus_client's
 own and it reads it when it is imported, so it must be in the environment of the process from the start
 (uWSGI's `env =` option), not set later. Without it, each app keeps its metrics in a registry of its own.
+The folder stays as small as the processes alive: see segapp.metrics_folder.
 
 Metrics (route = route template or "other", never the raw path, so the label has a handful of values):
 
@@ -22,7 +23,9 @@ import os
 from collections.abc import Mapping
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from segapp.metrics_folder import MetricsFolder
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -37,11 +40,16 @@ class Metrics:
 
     With `multiprocess_dir`, values live in that folder's files (written by every process that uses
     prometheus_client in multiprocess mode) and `exposition()` sums them; otherwise they live in a registry
-    owned by this object, so several apps in one process (tests) never share or clash.
+    owned by this object, so several apps in one process (tests) never share or clash. In multiprocess mode the
+    process enters the folder (`MetricsFolder.enter`) before it makes its metrics, so its files are merged away
+    once it ends, however it ends.
     """
 
     def __init__(self, multiprocess_dir: str | os.PathLike | None = None):
         self.multiprocess_dir = os.fspath(multiprocess_dir) if multiprocess_dir else None
+        self.folder = MetricsFolder(self.multiprocess_dir) if self.multiprocess_dir else None
+        if self.folder:
+            self.folder.enter()
         # In multiprocess mode metrics belong to no registry: their values are in files, read at scrape time.
         self.registry = None if self.multiprocess_dir else CollectorRegistry()
         registry = self.registry
@@ -94,16 +102,18 @@ class Metrics:
         ).set(1)
 
     def forget_process(self, pid: int) -> None:
-        """In multiprocess mode, drop the live gauges of process `pid` (a worker that exits) from the sums."""
-        if self.multiprocess_dir:
-            mark_process_dead(pid, self.multiprocess_dir)
+        """In multiprocess mode, for process `pid` that has ended or is exiting: drop its live gauges from the sums
+        and merge its counters and histograms into the folder's archive (their counts stay in the sums)."""
+        if self.folder:
+            self.folder.retire([pid])
 
     def exposition(self) -> tuple[bytes, str]:
         """The Prometheus text format of all metrics (summed over processes in multiprocess mode), and its
         Content-Type."""
-        if self.multiprocess_dir:
-            registry = CollectorRegistry()
-            MultiProcessCollector(registry, path=self.multiprocess_dir)
-        else:
-            registry = self.registry
-        return generate_latest(registry), CONTENT_TYPE_LATEST
+        if not self.folder:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.multiprocess_dir)
+        # Files are read while generate_latest runs: no merge may move counts between files meanwhile.
+        with self.folder.reading():
+            return generate_latest(registry), CONTENT_TYPE_LATEST

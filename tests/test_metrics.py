@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from webtest import TestApp
 
 from segapp.config import Settings
 from segapp.metrics import MULTIPROCESS_ENV, Metrics
+from segapp.metrics_folder import MetricsFolder
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -98,20 +100,59 @@ app = make_app(Settings(), segmenter=Segmenter(engine=ZeroEngine()).load())  # m
 for _ in range(int(sys.argv[1])):
     assert Request.blank("/healthz").get_response(app).status_int == 200
 assert Request.blank("/nope").get_response(app).status_int == 404
+print("ready", flush=True)
+sys.stdin.readline()  # alive until the test closes stdin
+"""
+
+# A process that answers `argv[1]` requests and then has one in flight, as a worker killed while busy.
+BUSY = """
+import sys
+from segapp.metrics import Metrics
+metrics = Metrics.from_env()
+for _ in range(int(sys.argv[1])):
+    metrics.observe_request("/infer", "POST", 200, 0.02)
+metrics.in_flight.inc()
+print("ready", flush=True)
+sys.stdin.readline()
 """
 
 
-def test_multiprocess_mode_sums_over_worker_processes(tmp_path, app_for, fake_segmenter):
-    environ = {**os.environ, MULTIPROCESS_ENV: str(tmp_path), "PYTHONWARNINGS": "ignore::DeprecationWarning"}
-    workers = [
-        subprocess.Popen([sys.executable, "-c", WORKER, str(count)], env=environ, cwd=REPO, stderr=subprocess.PIPE)
-        for count in (3, 5)
-    ]
-    for worker in workers:
-        _, stderr = worker.communicate(timeout=120)
-        assert worker.returncode == 0, stderr.decode()
-    assert len(list(tmp_path.glob("*.db"))) >= 2  # each worker wrote its own files
+def start(script: str, folder: Path, *args) -> subprocess.Popen:
+    """A Python process running `script` with PROMETHEUS_MULTIPROC_DIR=`folder`; returns once it printed "ready"."""
+    environ = {**os.environ, MULTIPROCESS_ENV: str(folder), "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    process = subprocess.Popen([sys.executable, "-c", script, *map(str, args)], env=environ, cwd=REPO,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if process.stdout.readline().strip() != "ready":
+        process.kill()
+        raise AssertionError(process.communicate()[1])
+    return process
 
+
+def end(process: subprocess.Popen, kill: bool = False) -> None:
+    if kill:
+        process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+
+
+def scrape(folder: Path) -> str:
+    return Metrics(folder).exposition()[0].decode()
+
+
+def infer_total(text: str) -> float:
+    return sample(text, "segapp_requests_total", route="/infer", method="POST", status="200") or 0
+
+
+def in_flight(text: str) -> float:
+    # With no live process the gauge has no sample at all.
+    return sample(text, "segapp_requests_in_flight") or 0
+
+
+def files_of(folder: Path, pid: int) -> list[str]:
+    return [path.name for path in folder.iterdir() if path.name.split(".")[0].rsplit("_", 1)[-1] == str(pid)]
+
+
+def test_multiprocess_mode_sums_over_worker_processes(tmp_path, app_for, fake_segmenter):
+    workers = [start(WORKER, tmp_path, count) for count in (3, 5)]
     scraper = app_for(fake_segmenter, Settings(), Metrics(tmp_path))
     text = scraper.get("/metrics").text
     assert sample(text, "segapp_requests_total", route="/healthz", method="GET", status="200") == 8
@@ -119,25 +160,119 @@ def test_multiprocess_mode_sums_over_worker_processes(tmp_path, app_for, fake_se
     assert sample(text, "segapp_request_duration_seconds_count", route="/healthz") == 8
     assert sample(text, "segapp_requests_in_flight") == 0
     assert sample(text, "segapp_model_info", name="segapp-unet", version="1.0.0", engine="zeros") == 1
+    for worker in workers:
+        assert files_of(tmp_path, worker.pid)  # each worker wrote its own files
+        end(worker)
+
+    # Ended workers' counts stay in the sums, from the archive; their own files and live gauges are gone.
+    text = scraper.get("/metrics").text
+    assert sample(text, "segapp_requests_total", route="/healthz", method="GET", status="200") == 8
+    assert sample(text, "segapp_request_duration_seconds_count", route="/healthz") == 8
+    assert sample(text, "segapp_request_duration_seconds_bucket", route="/healthz", le="+Inf") == 8
+    assert sample(text, "segapp_model_info", name="segapp-unet", version="1.0.0", engine="zeros") is None
+    assert all(not files_of(tmp_path, worker.pid) for worker in workers)
+    assert {"counter_archive.db", "histogram_archive.db"} <= set(os.listdir(tmp_path))
+
+
+def test_killed_processes_leave_the_in_flight_sum_and_their_counts_stay(tmp_path):
+    processes = [start(BUSY, tmp_path, count) for count in (3, 5, 7)]
+    text = scrape(tmp_path)
+    assert (infer_total(text), in_flight(text)) == (15, 3)
+    files_before = len(os.listdir(tmp_path))
+
+    end(processes[1], kill=True)
+    text = scrape(tmp_path)
+    assert (infer_total(text), in_flight(text)) == (15, 2)
+    assert sample(text, "segapp_request_duration_seconds_count", route="/infer") == 15
+    assert not files_of(tmp_path, processes[1].pid)
+    assert len(os.listdir(tmp_path)) < files_before
+
+    end(processes[0], kill=True)
+    end(processes[2])  # exits without saying so, as after `kill -9` of uWSGI's master
+    text = scrape(tmp_path)
+    assert (infer_total(text), in_flight(text)) == (15, 0)
+    assert sample(text, "segapp_request_duration_seconds_bucket", route="/infer", le="0.025") == 15
+    assert sorted(name for name in os.listdir(tmp_path) if name.endswith(".db")) == [
+        "counter_archive.db", "histogram_archive.db"]
+
+
+def test_folder_stays_bounded_while_processes_come_and_go(tmp_path):
+    sizes = []
+    for count in range(1, 9):
+        end(start(BUSY, tmp_path, count), kill=count % 2 == 0)
+        sizes.append(len(os.listdir(tmp_path)))
+    text = scrape(tmp_path)
+    assert (infer_total(text), in_flight(text)) == (sum(range(1, 9)), 0)
+    # Each process found its predecessor dead and merged it: archives, lock file, and at most one process's files.
+    assert max(sizes) <= 2 + 1 + 4
+    # After the scrape: the archives, the lock, and the scraping process's own alive lock.
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["counter_archive.db", "histogram_archive.db", "merge.lock", f"alive_{os.getpid()}.lock"])
+
+
+def test_a_reused_pid_starts_from_nothing(tmp_path):
+    # Files under this process's pid, as an earlier process with the same pid would have left them (killed busy).
+    (tmp_path / "earlier").mkdir()
+    end(start(BUSY, tmp_path / "earlier", 4), kill=True)
+    for path in (tmp_path / "earlier").glob("*_*.db"):
+        prefix = path.name.rsplit("_", 1)[0]
+        path.rename(tmp_path / f"{prefix}_{os.getpid()}.db")
+    assert in_flight(scrape_files_only(tmp_path)) == 1
+
+    MetricsFolder(tmp_path).enter()
+    text = scrape(tmp_path)
+    assert (infer_total(text), in_flight(text)) == (4, 0)
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(f"_{os.getpid()}.db")]
+
+
+def scrape_files_only(folder: Path) -> str:
+    """The sums of the folder's files as plain prometheus_client reads them: no merge, no lock."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(folder))
+    return generate_latest(registry).decode()
+
+
+class KilledAfterReplacing(MetricsFolder):
+    """Dies (raises) once its merged archives have replaced the old ones, before it deletes what they absorbed."""
+
+    def _finish_journal(self):
+        if os.path.exists(self._journal_path) and self.path and not getattr(self, "died", False):
+            self.died = True
+            raise SystemExit("killed")
+        super()._finish_journal()
+
+
+def test_a_merge_killed_half_way_counts_nothing_twice(tmp_path):
+    end(start(BUSY, tmp_path, 6))
+    end(start(BUSY, tmp_path, 5))  # its enter() merges the first into the archive
+    with pytest.raises(SystemExit):
+        KilledAfterReplacing(tmp_path).sweep()
+    # The archive holds 11 and the second process's files still exist: read naively, 16.
+    assert infer_total(scrape_files_only(tmp_path)) == 16
+    assert infer_total(scrape(tmp_path)) == 11
+    assert "merge.journal" not in os.listdir(tmp_path)
 
 
 def test_exited_worker_leaves_the_in_flight_sum(tmp_path, app_for, fake_segmenter):
     environ = {**os.environ, MULTIPROCESS_ENV: str(tmp_path), "PYTHONWARNINGS": "ignore::DeprecationWarning"}
-    stuck = WORKER + "app.metrics.in_flight.inc()\nprint(__import__('os').getpid())\n"
-    done = subprocess.run([sys.executable, "-c", stuck, "1"], env=environ, cwd=REPO, capture_output=True, check=True)
-    scrape = Metrics(tmp_path)
-    assert sample(scrape.exposition()[0].decode(), "segapp_requests_in_flight") == 1
-    scrape.forget_process(int(done.stdout))
-    # With no live worker the gauge has no samples at all.
-    assert (sample(scrape.exposition()[0].decode(), "segapp_requests_in_flight") or 0) == 0
+    stuck = WORKER.replace("print(", "app.metrics.in_flight.inc()\nprint(__import__('os').getpid())\nprint(")
+    done = subprocess.run([sys.executable, "-c", stuck, "1"], env=environ, cwd=REPO, capture_output=True, check=True,
+                          input="\n", text=True)
+    pid = int(done.stdout.split()[0])
+    # The worker exited without forgetting itself: plain prometheus_client still counts it in flight.
+    assert in_flight(scrape_files_only(tmp_path)) == 1
+    Metrics(tmp_path).forget_process(pid)
+    assert in_flight(scrape_files_only(tmp_path)) == 0
     # Counters of the exited worker still count.
-    assert sample(scrape.exposition()[0].decode(), "segapp_requests_total", route="/healthz", method="GET",
-                  status="200") == 1
+    assert sample(scrape(tmp_path), "segapp_requests_total", route="/healthz", method="GET", status="200") == 1
 
 
-@pytest.mark.parametrize("environ, multiprocess", [({}, False), ({MULTIPROCESS_ENV: ""}, False),
-                                                   ({MULTIPROCESS_ENV: "/run/segapp-metrics"}, True)])
-def test_from_env_chooses_multiprocess_mode_by_variable(environ, multiprocess):
+@pytest.mark.parametrize("variable, multiprocess", [(None, False), ("", False), ("folder", True)])
+def test_from_env_chooses_multiprocess_mode_by_variable(tmp_path, variable, multiprocess):
+    environ = {} if variable is None else {MULTIPROCESS_ENV: str(tmp_path) if variable else ""}
     metrics = Metrics.from_env(environ)
     assert (metrics.multiprocess_dir is not None) is multiprocess
     assert (metrics.registry is None) is multiprocess
