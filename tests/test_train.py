@@ -4,8 +4,9 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from segapp import train
+from segapp import datasets, train
 
 pytest.importorskip("tensorflow", reason="the tensorflow extra is part of make test")
 
@@ -81,3 +82,63 @@ def test_missing_dataset_folder_is_a_clear_error(tmp_path, capsys):
 def test_eval_of_a_missing_model_is_a_clear_error(tmp_path, capsys):
     assert train.eval_main(["--model", str(tmp_path / "nope.tflite"), "--count", "1"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def make_folder(root, count: int, mask_values: int = 3):
+    """An images/ + masks/ folder of `count` flat images, each its own colour, masks cycling 0..mask_values-1."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for index in range(count):
+        Image.new("RGB", (16, 12), (index * 4, 255 - index * 4, 77)).save(root / "images" / f"img_{index:03d}.png")
+        mask = (np.arange(16 * 12).reshape(12, 16) % mask_values).astype(np.uint8)
+        Image.fromarray(mask, "L").save(root / "masks" / f"img_{index:03d}.png")
+    return root
+
+
+def colours(images: np.ndarray) -> set[tuple[int, ...]]:
+    return {tuple(int(c) for c in image[0, 0]) for image in images}
+
+
+def test_folder_test_images_are_never_trained_or_validated_on(tmp_path):
+    data = str(make_folder(tmp_path / "data", 50))
+    trained_on = colours(train.load_split(data, "train", 0, 32)[0])
+    validated_on = colours(train.load_split(data, "val", 0, 32)[0])
+    tested_on = colours(np.stack([image for image, _ in train.test_pairs(data, 0)]))
+    assert tested_on and trained_on and validated_on
+    assert not tested_on & trained_on and not tested_on & validated_on and not trained_on & validated_on
+    assert len(trained_on | validated_on | tested_on) == 50
+
+
+@pytest.fixture
+def tiny_model(tmp_path):
+    """`tiny_model(classes) -> path`: a one-layer .keras network with len(classes) outputs and its card."""
+    import keras
+
+    def build(classes: list[str]):
+        inputs = keras.Input((128, 128, 3))
+        model = keras.Model(inputs, keras.layers.Conv2D(len(classes), 1)(inputs))
+        path = tmp_path / f"tiny{len(classes)}.keras"
+        model.save(path)
+        card = {"name": "tiny", "version": "0", "classes": classes, "palette": [[9, 9, 9]] * len(classes),
+                "input_size": [128, 128]}
+        path.with_suffix(".json").write_text(json.dumps(card))
+        return path
+
+    return build
+
+
+def test_eval_scores_the_cards_classes_on_the_held_out_test_images(tmp_path, tiny_model, capsys):
+    names = ["sky", "road", "car", "person"]
+    data = make_folder(tmp_path / "data", 40, mask_values=4)
+    held_out = datasets.folder_samples(data, "test")
+    model = tiny_model(names)
+    assert train.eval_main(["--model", str(model), "--data", str(data), "--count", "0", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert list(result["per_class_iou"]) == names
+    assert result["images"] == len(held_out) < 40
+
+
+def test_eval_of_labels_beyond_the_cards_classes_is_a_clear_error(tiny_model, capsys):
+    model = tiny_model(["cat", "not cat"])
+    assert train.eval_main(["--model", str(model), "--data", "synthetic", "--count", "1"]) == 2
+    assert "label has class 2, but there are only 2 classes" in capsys.readouterr().err
