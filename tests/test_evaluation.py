@@ -41,3 +41,18 @@ def test_evaluate_sums_confusion_over_images_of_different_sizes():
 def test_masks_of_different_shapes_are_refused():
     with pytest.raises(ValueError, match="shape"):
         confusion(np.zeros((2, 2)), np.zeros((2, 3)))
+
+
+def test_scores_are_named_by_the_models_classes():
+    label = np.array([[0, 1, 2, 3]], dtype=np.uint8)
+    prediction = np.array([[0, 1, 2, 2]], dtype=np.uint8)
+    names = ["sky", "road", "car", "person"]
+    result = evaluate(lambda image: prediction, [(np.zeros((1, 4, 3), np.uint8), label)], names)
+    assert result["per_class_iou"] == {"sky": 1.0, "road": 1.0, "car": 0.5, "person": 0.0}
+
+
+def test_classes_beyond_the_models_are_refused_not_miscounted():
+    with pytest.raises(ValueError, match="label has class 2, but there are only 2 classes"):
+        confusion(np.array([[0, 2]]), np.array([[0, 1]]), num_classes=2)
+    with pytest.raises(ValueError, match="prediction has class 3"):
+        confusion(np.array([[0, 1]]), np.array([[0, 3]]), num_classes=3)
