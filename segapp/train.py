@@ -6,6 +6,8 @@
 
 segapp-train writes DIR/unet.keras (no optimizer state), DIR/unet.tflite (LiteRT) and DIR/unet.json (the card,
 with the quality measured in inference mode on the held-out test split, through the same Segmenter the server uses).
+Train, val and test never share an image (`datasets.folder_samples`); segapp-eval scores the same test split, by
+the classes the model's card names.
 """
 
 from __future__ import annotations
@@ -187,7 +189,8 @@ def _parser_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",
         default="synthetic",
-        help="'synthetic', an Oxford-IIIT Pet folder, or a folder with images/ and masks/",
+        help="'synthetic', an Oxford-IIIT Pet folder, or a folder with images/ and masks/ (held out: the names in "
+        "its test.txt and val.txt, else a tenth each by a hash of the name)",
     )
 
 
