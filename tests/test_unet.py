@@ -40,3 +40,4 @@ def test_shipped_model_parameter_count_matches_its_card():
     model = keras.saving.load_model(str(SHIPPED_MODEL.with_suffix(".keras")), compile=False)
     assert model.count_params() == card["parameters"]
     assert tuple(model.input_shape[1:]) == (128, 128, 3)
+    assert model.output_shape[-1] == len(card["classes"]) == len(card["palette"])
