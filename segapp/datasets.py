@@ -1,7 +1,8 @@
 """Training data: synthetic scenes, the Oxford-IIIT Pet folder as downloaded, and plain images/ + masks/ folders.
 
 Each source yields (RGB uint8 HxWx3, trimap uint8 HxW) pairs at their own size; `pipeline` turns any of them into
-the same batched tf.data stream at the network's input size. Images are decoded with `segapp.imaging.decode_image`,
+the same batched tf.data stream at the network's input size; `folder_samples` gives a folder's train, val and test
+splits, which never share an image. Images are decoded with `segapp.imaging.decode_image`,
 the server's own decoder, so training sees pixels exactly as serving does (EXIF orientation, any mode to RGB).
 """
 
