@@ -5,10 +5,12 @@ production site file with these literals rewritten; each must appear exactly onc
 than start an nginx that listens or limits differently from what was asked:
 
     listen 80;  listen [::]:80;           -> listen 127.0.0.1:PORT; (loopback only)
-    unix:/run/segapp/app.sock             -> unix:RUN/app.sock
+    unix:/run/segapp/app.sock (twice)     -> unix:RUN/app.sock
     /var/log/nginx/segapp.access.log      -> access.log under the prefix
-    rate=20r/s, burst=40                  <- SEGAPP_NGINX_RATE (e.g. 5r/s), SEGAPP_NGINX_BURST
-    limit_conn segapp_inflight 64;       <- SEGAPP_NGINX_MAX_INFLIGHT (requests in flight, all clients)
+    rate=300r/s, burst=300                <- SEGAPP_NGINX_RATE (e.g. 5r/s), SEGAPP_NGINX_BURST
+    max_conns=64;                         <- SEGAPP_NGINX_MAX_INFLIGHT (requests at the workers, all clients)
+    limit_conn segapp_per_client 16;      <- SEGAPP_NGINX_MAX_INFLIGHT_PER_CLIENT (requests in flight, one address)
+    # set_real_ip_from: none              <- SEGAPP_NGINX_TRUSTED_PROXIES (addresses or CIDRs, space-separated)
     uwsgi_read_timeout 60s;               <- SEGAPP_NGINX_READ_TIMEOUT (e.g. 2s; keep it above harakiri)
     client_max_body_size 10m;             <- SEGAPP_MAX_BODY_BYTES, the app's own limit
 
@@ -19,6 +21,7 @@ Standard library only: it runs before the virtual environment is known. Usage:
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import pwd
 import re
@@ -30,6 +33,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+APP_SOCKET = "unix:/run/segapp/app.sock"
+# Literals that occur more than once in segapp.conf; every other literal occurs exactly once.
+OCCURRENCES = {APP_SOCKET: 2}
 
 
 class RenderError(ValueError):
@@ -41,22 +47,28 @@ def site_substitutions(run_dir: Path, port: int, environ) -> dict[str, str]:
     subs = {
         "listen 80;": f"listen 127.0.0.1:{port};",
         "listen [::]:80;": "# (IPv6 listen dropped: loopback only)",
-        "unix:/run/segapp/app.sock": f"unix:{run_dir / 'app.sock'}",
+        APP_SOCKET: f"unix:{run_dir / 'app.sock'}",
         "access_log /var/log/nginx/segapp.access.log segapp;": "access_log access.log segapp;",
     }
     rate = environ.get("SEGAPP_NGINX_RATE")
     if rate:
         if not re.fullmatch(r"\d+r/[sm]", rate):
             raise RenderError(f"SEGAPP_NGINX_RATE={rate!r}: expected requests per second or minute, e.g. 20r/s")
-        subs["rate=20r/s"] = f"rate={rate}"
+        subs["rate=300r/s"] = f"rate={rate}"
     burst = environ.get("SEGAPP_NGINX_BURST")
     if burst:
-        subs["burst=40"] = f"burst={_whole(burst, 'SEGAPP_NGINX_BURST')}"
+        subs["burst=300"] = f"burst={_whole(burst, 'SEGAPP_NGINX_BURST')}"
     inflight = environ.get("SEGAPP_NGINX_MAX_INFLIGHT")
     if inflight:
-        subs["limit_conn segapp_inflight 64;"] = (
-            f"limit_conn segapp_inflight {_whole(inflight, 'SEGAPP_NGINX_MAX_INFLIGHT')};"
+        subs["max_conns=64;"] = f"max_conns={_whole(inflight, 'SEGAPP_NGINX_MAX_INFLIGHT')};"
+    per_client = environ.get("SEGAPP_NGINX_MAX_INFLIGHT_PER_CLIENT")
+    if per_client:
+        subs["limit_conn segapp_per_client 16;"] = (
+            f"limit_conn segapp_per_client {_whole(per_client, 'SEGAPP_NGINX_MAX_INFLIGHT_PER_CLIENT')};"
         )
+    proxies = environ.get("SEGAPP_NGINX_TRUSTED_PROXIES", "").split()
+    if proxies:
+        subs["# set_real_ip_from: none"] = "\n    ".join(f"set_real_ip_from {_network(p)};" for p in proxies)
     timeout = environ.get("SEGAPP_NGINX_READ_TIMEOUT")
     if timeout:
         if not re.fullmatch(r"\d+(ms|s|m)?", timeout):
@@ -70,11 +82,13 @@ def site_substitutions(run_dir: Path, port: int, environ) -> dict[str, str]:
 
 
 def render_site(text: str, subs: dict[str, str]) -> str:
-    """`text` with every literal of `subs` replaced; each must occur exactly once."""
+    """`text` with every literal of `subs` replaced; each must occur exactly once (or as OCCURRENCES says)."""
     for literal, replacement in subs.items():
-        found = text.count(literal)
-        if found != 1:
-            raise RenderError(f"segapp.conf holds {literal!r} {found} times, expected once; update nginx/render.py")
+        found, expected = text.count(literal), OCCURRENCES.get(literal, 1)
+        if found != expected:
+            raise RenderError(
+                f"segapp.conf holds {literal!r} {found} times, expected {expected}; update nginx/render.py"
+            )
         text = text.replace(literal, replacement)
     return text
 
@@ -118,6 +132,15 @@ def render(run_dir: Path, port: int, user: str | None = None, environ=os.environ
 
 def _uid(user: str) -> int:
     return int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid
+
+
+def _network(raw: str) -> str:
+    try:
+        return str(ipaddress.ip_network(raw, strict=False))
+    except ValueError:
+        raise RenderError(
+            f"SEGAPP_NGINX_TRUSTED_PROXIES: {raw!r} is not an address or a network such as 10.0.0.0/8"
+        ) from None
 
 
 def _whole(raw: str, name: str) -> int:

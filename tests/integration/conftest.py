@@ -58,15 +58,23 @@ class Endpoint:
     port: int
 
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
-                timeout: float = 60) -> Answer:
-        """One HTTP request through nginx, on a connection of its own."""
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+                timeout: float = 60, source: str = "127.0.0.1") -> Answer:
+        """One HTTP request through nginx, on a connection of its own from loopback address `source`."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout, source_address=(source, 0))
         try:
             connection.request(method, path, body=body, headers=headers or {})
             response = connection.getresponse()
             return Answer(response.status, response.headers, response.read())
         finally:
             connection.close()
+
+    def raw(self, data: bytes, timeout: float = 30) -> Answer:
+        """Send `data` as it is (no HTTP client would send it) and read the one answer nginx gives."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as connection:
+            connection.sendall(data)
+            response = http.client.HTTPResponse(connection)
+            response.begin()
+            return Answer(response.status, response.headers, response.read())
 
 
 @dataclass
@@ -82,9 +90,10 @@ class Stack(Endpoint):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def infer(self, image: bytes, query: str = "", headers: dict | None = None, timeout: float = 60) -> Answer:
+    def infer(self, image: bytes, query: str = "", headers: dict | None = None, timeout: float = 60,
+              source: str = "127.0.0.1") -> Answer:
         return self.request("POST", "/infer" + query, image, {"Content-Type": "image/jpeg", **(headers or {})},
-                            timeout=timeout)
+                            timeout=timeout, source=source)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
