@@ -278,7 +278,9 @@ def _uwsgi_worker_application() -> SegmentationApp:
 
     app = make_app()
     pid = os.getpid()
-    # A worker that stops (reload, max-requests) must leave the summed in-flight and model-info gauges.
+    # A worker that stops (reload, max-requests) leaves the summed in-flight and model-info gauges at once, and its
+    # counters move into the metrics folder's archive. A killed worker never runs this: the next worker to start, or
+    # the next scrape, finds it dead (Metrics made the worker enter the folder) and does the same.
     uwsgi.atexit = lambda: app.metrics.forget_process(pid)
     return app
 
