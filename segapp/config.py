@@ -42,6 +42,10 @@ class Settings:
     """SEGAPP_LOG_LEVEL: level of the segapp loggers."""
     engine_delay_ms: int = 0
     """SEGAPP_ENGINE_DELAY_MS: test only; sleep this long in every inference to exercise timeouts. Keep 0."""
+    drain_file: Path | None = None
+    """SEGAPP_DRAIN_FILE: while this file exists the instance is draining: /readyz answers 503 `draining`, so that a
+    load balancer stops sending to it, and every other route is served as usual. uwsgi/segapp.ini names
+    RUN/draining; uwsgi/serve creates it on SIGTERM for SEGAPP_DRAIN_SECONDS before it stops uWSGI."""
 
     def __post_init__(self):
         problems = {
@@ -91,6 +95,6 @@ def _parse(name: str, kind: str, raw: str):
             return int(raw.replace("_", ""))
         except ValueError:
             raise SettingsError(f"{env_name(name)}={raw!r} is not valid: {_HINTS[name]}") from None
-    if kind == "Path":
+    if kind in ("Path", "Path | None"):
         return Path(raw)
     return raw.upper() if name == "log_level" else raw

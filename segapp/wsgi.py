@@ -149,8 +149,14 @@ class SegmentationApp:
         return _json_response({"status": "ok"})
 
     def on_readyz(self, request: Request) -> Response:
-        """Readiness: 200 once the model is loaded and warm, 503 before."""
+        """Readiness: 200 once the model is loaded and warm; 503 before, and while the instance drains."""
         self._require_ready()
+        drain_file = self.settings.drain_file
+        if drain_file is not None and drain_file.exists():
+            raise api_error(
+                HTTPServiceUnavailable, "draining",
+                "this instance is stopping; it still answers requests, but send new ones elsewhere", retry_after=1,
+            )
         return _json_response({"status": "ready", "model": _model_summary(self.segmenter.card)})
 
     def on_model(self, request: Request) -> Response:

@@ -20,6 +20,7 @@ def test_defaults_without_variables():
     assert settings.max_body_bytes == 10 * 1024 * 1024
     assert settings.max_pixels == 40_000_000
     assert settings.engine_delay_ms == 0
+    assert settings.drain_file is None
 
 
 def test_variables_override_defaults():
@@ -32,6 +33,7 @@ def test_variables_override_defaults():
         "SEGAPP_DEFAULT_FORMAT": "json",
         "SEGAPP_LOG_LEVEL": "debug",
         "SEGAPP_ENGINE_DELAY_MS": "250",
+        "SEGAPP_DRAIN_FILE": "/run/segapp/draining",
         "OTHER_VARIABLE": "ignored",
     })
     assert settings.model == Path("/srv/models/pets.tflite")
@@ -42,6 +44,7 @@ def test_variables_override_defaults():
     assert settings.default_format == "json"
     assert settings.log_level == "DEBUG"
     assert settings.engine_delay_ms == 250
+    assert settings.drain_file == Path("/run/segapp/draining")
 
 
 def test_empty_variable_keeps_the_default():

@@ -202,6 +202,21 @@ def test_readyz_is_503_until_the_model_is_loaded_then_200(app_for, unloaded_fake
     assert ready.json["model"]["name"] == segmenter.card["name"]
 
 
+def test_readyz_is_503_draining_while_the_drain_file_exists_and_the_rest_is_served(
+        app_for, fake_segmenter, make_image, tmp_path):
+    drain_file = tmp_path / "draining"
+    app = app_for(fake_segmenter, Settings(drain_file=drain_file))
+    assert app.get("/readyz").json["status"] == "ready"
+    drain_file.touch()
+    draining = app.get("/readyz", status=503)
+    assert_json_error(draining, 503, "draining")
+    assert draining.headers["Retry-After"] == "1"
+    assert post(app, make_image("PNG", (20, 10))).content_type == "image/png"
+    assert app.get("/healthz").json == {"status": "ok"}
+    drain_file.unlink()
+    assert app.get("/readyz").json["status"] == "ready"
+
+
 def test_model_card(real_app, shipped_segmenter):
     card = real_app.get("/v1/model").json
     assert card == shipped_segmenter.card

@@ -247,8 +247,9 @@ def make_run_dir() -> Path:
     return path
 
 
-def start_stack(run_dir: Path | None = None, **env: str) -> Stack:
-    """Start uwsgi --ini uwsgi/local.ini with SEGAPP_* `env` on a free port; returns once /readyz answers 200."""
+def start_stack(run_dir: Path | None = None, command: list[str] | None = None, **env: str) -> Stack:
+    """Start uwsgi --ini uwsgi/local.ini (or `command`, e.g. uwsgi/serve) with SEGAPP_* `env` on a free port;
+    returns once /readyz answers 200."""
     if NGINX is None:
         pytest.fail("nginx is not installed: run `make nginx`")
     run_dir = run_dir or make_run_dir()
@@ -268,7 +269,7 @@ def start_stack(run_dir: Path | None = None, **env: str) -> Stack:
     log_path = run_dir / "stack.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [str(UWSGI), "--ini", str(ROOT / "uwsgi" / "local.ini")],
+            command or [str(UWSGI), "--ini", str(ROOT / "uwsgi" / "local.ini")],
             cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     stack = Stack(port, run_dir, process, log_path, full_env)

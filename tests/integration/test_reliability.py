@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from segapp.inference import SHIPPED_MODEL, card_path
+from tests.integration.conftest import READY_TIMEOUT_S, ROOT, STOP_TIMEOUT_S, start_stack, wait_gone
 
 pytestmark = pytest.mark.integration
 
@@ -129,6 +131,34 @@ def test_sigterm_lets_the_request_in_flight_finish_then_everything_stops(stack_f
     assert answer.headers["Content-Type"] == "image/png"
     assert not any(Path(f"/proc/{pid}").exists() and _state(pid) != "Z" for pid in pids)
     print(f"\nSIGTERM: all {len(pids)} processes gone in {seconds:.1f} s")
+
+
+def test_sigterm_to_serve_drains_readiness_first_then_stops(jpeg):
+    """`make serve`'s script with SEGAPP_DRAIN_SECONDS: on SIGTERM /readyz says 503 at once, so a balancer stops
+    sending, while requests are still served; then the graceful stop."""
+    venv = Path(sys.executable).parent.parent
+    stack = start_stack(command=[str(ROOT / "uwsgi" / "serve")], VENV=str(venv), SEGAPP_DRAIN_SECONDS="4")
+    try:
+        stack.wait_apps_loaded(READY_TIMEOUT_S)
+        pids = stack.processes()
+        signalled = time.monotonic()
+        stack.process.send_signal(signal.SIGTERM)
+        while (readiness := stack.request("GET", "/readyz")).status == 200:
+            assert time.monotonic() - signalled < 2, "/readyz still 200 two seconds into the drain"
+            time.sleep(0.05)
+        assert readiness.status == 503 and readiness.json()["error"]["code"] == "draining", readiness.body
+        assert readiness.headers["Retry-After"] == "1"
+        during = [stack.infer(jpeg).status for _ in range(5)] + [stack.request("GET", "/healthz").status]
+        assert stack.process.wait(timeout=STOP_TIMEOUT_S) == 0, stack.log()[-2000:]
+        stopped_after = time.monotonic() - signalled
+        assert not wait_gone(pids, 10), "a process of the stack outlived serve"
+    finally:
+        if stack.process.poll() is None:
+            stack.stop()
+        shutil.rmtree(stack.run_dir, ignore_errors=True)
+    assert during == [200] * 6
+    assert stopped_after >= 4, "uWSGI was stopped before the drain was over"
+    print(f"\ndrain: /readyz 503, 6 of 6 requests served; stopped {stopped_after:.1f} s after SIGTERM")
 
 
 def _readable_dir() -> Path:
