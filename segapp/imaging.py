@@ -7,10 +7,13 @@ Everything a client sends passes through `decode_image`, which refuses hostile i
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
+
+from segapp.jpeg import scan_shortfall
 
 # Trimap classes with the Oxford-IIIT Pet meaning, and the colours a viewer sees them in.
 CLASS_NAMES = ("foreground", "background", "border")
@@ -20,10 +23,19 @@ PALETTE = ((230, 25, 75), (0, 0, 0), (255, 225, 25))
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION_TAG = 0x0112
 
-# decode_image checks every image's pixel count against the service's own limit before decoding it; Pillow's
-# process-wide check (a warning above 89 megapixels, an error above 179) would only fire first with a vaguer
-# message, or warn for a limit set higher on purpose.
-Image.MAX_IMAGE_PIXELS = None
+# The longest side a JPEG (so an overlay) can have: libjpeg refuses more than 65,500 pixels.
+JPEG_MAX_SIDE = 65_500
+
+# Rows per band where a whole image is worked on in pieces: 256 rows of a 7,300-pixel-wide image are 7 MB as
+# RGB, so a band's temporaries stay small next to the image itself.
+_BAND_ROWS = 256
+
+# What Pillow's decoders raise for bytes they cannot decode (truncated, corrupt, or an unsupported variant):
+# OSError (with UnidentifiedImageError), SyntaxError from format plugins, ValueError from some decoders' setup
+# and EOFError when a frame is missing. Its Python plugins also trip over corrupt fields with TypeError,
+# IndexError or struct.error (a fuzzed TIFF: "'float' object cannot be interpreted as an integer"), so those
+# count as the image's fault only when raised inside Pillow: raised in segapp's code they are bugs, and a 500.
+_CODEC_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
 
 
 class ImageError(ValueError):
@@ -44,6 +56,10 @@ class ImageTooLargeError(ImageError):
     code = "image_too_large"
 
 
+class OverlayTooLargeError(ImageTooLargeError):
+    code = "overlay_too_large"
+
+
 @dataclass(frozen=True)
 class DecodedImage:
     """An RGB image and its full size after EXIF orientation.
@@ -62,65 +78,117 @@ class DecodedImage:
         return np.asarray(self.image)
 
 
-def decode_image(data: bytes, max_pixels: int, draft_size: int | None = None) -> DecodedImage:
+def decode_image(data: bytes, max_pixels: int, draft_size: int | None = None,
+                 max_side: int | None = None) -> DecodedImage:
     """Decode image bytes to RGB: EXIF orientation applied, first frame of an animation, any mode.
 
-    Refuses an image of more than `max_pixels` from its header, before decoding it (a decompression bomb is
-    small on disk). With `draft_size`, a JPEG far larger than that is decoded at a reduced scale that still
-    covers `draft_size` pixels on its short side, which costs a fraction of a full decode.
+    Refuses, from its header and before decoding it, an image of more than `max_pixels` (a decompression bomb is
+    small on disk), a longer side than `max_side` when given, and a JPEG whose data cannot hold the frame its
+    header declares; truncated or corrupt data is refused while decoding. With `draft_size`, a JPEG far larger
+    than that is decoded at a reduced scale that still covers `draft_size` pixels on its short side, which
+    costs a fraction of a full decode.
     """
     if not data:
         raise EmptyImageError("the request body is empty; send the bytes of an image")
-    try:
-        image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"image is over the limit of {max_pixels} pixels") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise UndecodableImageError("the body is not an image in a supported format") from exc
+    # Pillow's own guard stays on for the whole process (Image.MAX_IMAGE_PIXELS: a warning above 89 megapixels,
+    # an error above 179): besides the header it checks frames and tiles that only decoding reveals (ICO, GIF,
+    # TIFF). Here its warning refuses the image as its error does. Its other warnings describe the client's bytes
+    # ("Image was not the expected size"), which are answered, not logged.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageTooLargeError(f"image is over the limit of {max_pixels} pixels: {exc}") from exc
+        except Exception as exc:
+            if not (isinstance(exc, _CODEC_ERRORS) or _raised_in_pillow(exc)):
+                raise
+            raise UndecodableImageError("the body is not an image in a supported format") from exc
 
-    width, height = image.size
-    if width < 1 or height < 1:
-        raise UndecodableImageError("the image has no pixels")
-    if width * height > max_pixels:
-        raise ImageTooLargeError(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
+        width, height = image.size
+        _check_size(width, height, max_pixels, max_side)
+        if image.format in ("JPEG", "MPO") and (shortfall := scan_shortfall(data)):
+            raise UndecodableImageError(f"the image data is truncated or corrupt: {shortfall}")
 
-    try:
-        orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
-        if draft_size and image.format == "JPEG" and min(width, height) > 2 * draft_size:
-            # Draft picks the largest 1/2, 1/4 or 1/8 scale that is still at least the requested size.
-            scale = draft_size / min(width, height)
-            image.draft("RGB", (max(1, round(width * scale)), max(1, round(height * scale))))
-        image.seek(0)
-        image.load()
-        image = _to_rgb(ImageOps.exif_transpose(image))
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"image is over the limit of {max_pixels} pixels") from exc
-    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError) as exc:
-        # Truncated or corrupt data surfaces as any of these, depending on the codec.
-        raise UndecodableImageError("the image data is truncated or corrupt") from exc
+        try:
+            orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+            if draft_size and image.format == "JPEG" and min(width, height) > 2 * draft_size:
+                # Draft picks the largest 1/2, 1/4 or 1/8 scale that is still at least the requested size.
+                scale = draft_size / min(width, height)
+                image.draft("RGB", (max(1, round(width * scale)), max(1, round(height * scale))))
+            image.seek(0)
+            image.load()
+            if image.size != (width, height) and image.format not in ("JPEG", "MPO"):
+                # A frame or icon larger than its header said (a draft JPEG is smaller on purpose).
+                _check_size(*image.size, max_pixels, max_side)
+            # In place: a copy would double the memory of a 40-megapixel image.
+            ImageOps.exif_transpose(image, in_place=True)
+            image = _to_rgb(image)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageTooLargeError(f"image is over the limit of {max_pixels} pixels: {exc}") from exc
+        except ImageError:
+            raise
+        except Exception as exc:
+            if not (isinstance(exc, _CODEC_ERRORS) or _raised_in_pillow(exc)):
+                raise
+            raise UndecodableImageError("the image data is truncated or corrupt") from exc
 
     if orientation in _SWAPPING_ORIENTATIONS:
         width, height = height, width
     return DecodedImage(image=image, width=width, height=height)
 
 
+def _raised_in_pillow(error: BaseException) -> bool:
+    """Whether `error` was raised by Pillow's own code (its innermost frame is in the PIL package)."""
+    trace = error.__traceback__
+    while trace is not None and trace.tb_next is not None:
+        trace = trace.tb_next
+    return trace is not None and trace.tb_frame.f_globals.get("__name__", "").startswith("PIL.")
+
+
+def _check_size(width: int, height: int, max_pixels: int, max_side: int | None) -> None:
+    if width < 1 or height < 1:
+        raise UndecodableImageError("the image has no pixels")
+    if width * height > max_pixels:
+        raise ImageTooLargeError(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
+    if max_side and max(width, height) > max_side:
+        raise OverlayTooLargeError(
+            f"image is {width}x{height}; an overlay is a JPEG, which holds at most {max_side} pixels on a side: "
+            "ask for format=png or json instead"
+        )
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode to RGB; transparent pixels are composed on white, 16-bit data scaled to 8 bits."""
+    """Any Pillow mode to RGB; transparent pixels are composed on white, 16-bit and float data scaled to 8 bits.
+
+    Works in Pillow's C code or in row bands, so a 40-megapixel image needs no full-size temporary beyond the
+    RGB result.
+    """
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        array = np.asarray(image, dtype=np.uint32)
-        peak = 65535 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 255
-        gray = (array * 255 // peak).astype(np.uint8)
-        return Image.fromarray(gray, "L").convert("RGB")
+        peak = 65535 if image.mode.startswith("I;16") or image.getextrema()[1] > 255 else 255
+        return _gray_in_bands(image, lambda band: (band.astype(np.uint32) * 255 // peak).astype(np.uint8))
     if image.mode == "F":
-        array = np.nan_to_num(np.asarray(image, dtype=np.float32))
-        return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), "L").convert("RGB")
-    if image.mode == "P" and "transparency" in image.info or image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        return _gray_in_bands(image, lambda band: np.clip(np.nan_to_num(band), 0, 255).astype(np.uint8))
+    if image.mode == "P" and "transparency" in image.info or image.mode in ("PA", "La"):
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "RGBa"):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, mask=image)  # alpha-composes the image on white
+        return background
     return image.convert("RGB")
+
+
+def _gray_in_bands(image: Image.Image, to_uint8) -> Image.Image:
+    """RGB from a one-channel image whose values `to_uint8` maps, band by band, to 0-255."""
+    width, height = image.size
+    gray = np.empty((height, width), np.uint8)
+    for top in range(0, height, _BAND_ROWS):
+        bottom = min(top + _BAND_ROWS, height)
+        gray[top:bottom] = to_uint8(np.asarray(image.crop((0, top, width, bottom))))
+    return Image.fromarray(gray, "L").convert("RGB")
 
 
 def palette_bytes(palette=PALETTE) -> bytes:
@@ -142,17 +210,31 @@ def mask_to_png(mask: np.ndarray, palette=PALETTE, compress_level: int = 1) -> b
     return out.getvalue()
 
 
-def overlay(pixels: np.ndarray, mask: np.ndarray, palette=PALETTE, alpha: float = 0.5) -> Image.Image:
-    """The image with each pixel's class colour blended on it; `mask` must match the image's size."""
-    colours = np.asarray(palette, dtype=np.uint8)[mask]
-    blended = pixels.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha
-    return Image.fromarray(blended.astype(np.uint8), "RGB")
+def overlay(image: Image.Image, mask: np.ndarray, palette=PALETTE, alpha: float = 0.5) -> Image.Image:
+    """`image` (RGB) with each pixel's class colour blended on it, in place; returns `image`.
+
+    `mask` must match the image's size. Blends in row bands with Pillow's C code: a float copy of a 40-megapixel
+    image would be 480 MB per array (1.7 GB peak before this).
+    """
+    width, height = image.size
+    if mask.shape != (height, width):
+        raise ValueError(f"the mask is {mask.shape[1]}x{mask.shape[0]}, the image {width}x{height}")
+    colours = palette_bytes(palette)
+    for top in range(0, height, _BAND_ROWS):
+        box = (0, top, width, min(top + _BAND_ROWS, height))
+        band = Image.fromarray(np.ascontiguousarray(mask[top : box[3]], dtype=np.uint8), "P")
+        band.putpalette(colours)
+        image.paste(Image.blend(image.crop(box), band.convert("RGB"), alpha), box)
+    return image
 
 
-def overlay_to_jpeg(pixels: np.ndarray, mask: np.ndarray, palette=PALETTE, quality: int = 85) -> bytes:
-    """`overlay` encoded as a JPEG."""
+def overlay_to_jpeg(image: Image.Image | np.ndarray, mask: np.ndarray, palette=PALETTE, quality: int = 85) -> bytes:
+    """`overlay` encoded as a JPEG. An image given as an RGB array is copied first; a Pillow image is blended
+    in place."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image, "RGB")
     out = io.BytesIO()
-    overlay(pixels, mask, palette).save(out, format="JPEG", quality=quality)
+    overlay(image, mask, palette).save(out, format="JPEG", quality=quality)
     return out.getvalue()
 
 

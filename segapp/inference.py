@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segapp.imaging import CLASS_NAMES, PALETTE, decode_image, resize_pixels
+from segapp.imaging import CLASS_NAMES, JPEG_MAX_SIDE, PALETTE, decode_image, resize_pixels
 
 SHIPPED_MODEL = Path(__file__).parent / "models" / "unet.tflite"
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -149,8 +149,13 @@ class Segmentation:
     """A mask (uint8 H x W class indices, the image's size after EXIF orientation) and what it cost."""
 
     mask: np.ndarray
-    pixels: np.ndarray | None  # the decoded RGB image at full size, when `segment` was asked for it
+    image: Image.Image | None = None  # the decoded RGB image at full size, when `segment` was asked for it
     timings: dict[str, float] = field(default_factory=dict)  # seconds: decode, infer, postprocess
+
+    @property
+    def pixels(self) -> np.ndarray | None:
+        """`image` as a uint8 H x W x 3 array (a copy), or None."""
+        return None if self.image is None else np.asarray(self.image)
 
     def class_fractions(self, num_classes: int) -> list[float]:
         """The fraction of pixels in each of the model's `num_classes` classes (the length of its card's list)."""
@@ -198,12 +203,14 @@ class Segmenter:
     def segment(self, data: bytes, full_pixels: bool = False) -> Segmentation:
         """Segment the image in `data`. Raises `segapp.imaging.ImageError` for bytes that are not a usable image.
 
-        With `full_pixels`, `Segmentation.pixels` is the image at full size (for an overlay); otherwise a large
-        JPEG is decoded at a reduced scale, which is all the network needs.
+        With `full_pixels`, `Segmentation.image` is the image at full size, for an overlay (a JPEG, so an image
+        with a side over 65,500 pixels is refused from its header); otherwise a large JPEG is decoded at a
+        reduced scale, which is all the network needs.
         """
         started = time.perf_counter()
         draft = None if full_pixels else self.input_size
-        decoded = decode_image(data, self.max_pixels, draft_size=draft)
+        max_side = JPEG_MAX_SIDE if full_pixels else None
+        decoded = decode_image(data, self.max_pixels, draft_size=draft, max_side=max_side)
         decoded_at = time.perf_counter()
         logits = self.predict_logits(decoded.image)
         inferred_at = time.perf_counter()
@@ -214,7 +221,7 @@ class Segmenter:
             "infer": inferred_at - decoded_at,
             "postprocess": done - inferred_at,
         }
-        return Segmentation(mask=mask, pixels=decoded.pixels if full_pixels else None, timings=timings)
+        return Segmentation(mask=mask, image=decoded.image if full_pixels else None, timings=timings)
 
     def segment_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """The class mask for RGB pixels already decoded, at their own size."""
@@ -225,6 +232,10 @@ class Segmenter:
         size = self.input_size
         batch = resize_pixels(pixels, size, size)[None].astype(np.float32) * np.float32(1 / 255)
         return self.engine.predict(batch)[0]
+
+
+# Output pixels interpolated in one go by upsample_argmax: bounds its temporaries to about 50 MB.
+_INTERPOLATED_PER_CHUNK = 1 << 19
 
 
 def upsample_argmax(logits: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -252,12 +263,16 @@ def upsample_argmax(logits: np.ndarray, width: int, height: int) -> np.ndarray:
         for dx in range(3):
             edge |= padded[dy : dy + source_h, dx : dx + source_w] != low
     edge_rows, edge_cols = np.nonzero(edge)
-    if len(edge_rows) == 0:
-        return mask
-    ys, xs = _blocks(edge_rows, nearest_row, source_h), _blocks(edge_cols, nearest_col, source_w)
-    ys, xs = np.broadcast_arrays(ys[0][:, :, None], xs[0][:, None, :]), (ys[1][:, :, None] & xs[1][:, None, :])
-    ys, xs = ys[0][xs], ys[1][xs]
-    mask[ys, xs] = _argmax(_interpolate(logits, ys, xs, height, width))
+    # A few edge pixels at a time: each costs about 100 bytes of temporaries per output pixel of its block, and a
+    # 40-megapixel mask with edges everywhere would need gigabytes at once.
+    block_pixels = (height // source_h + 2) * (width // source_w + 2)
+    step = max(1, _INTERPOLATED_PER_CHUNK // block_pixels)
+    for start in range(0, len(edge_rows), step):
+        rows, cols = edge_rows[start : start + step], edge_cols[start : start + step]
+        ys, xs = _blocks(rows, nearest_row, source_h), _blocks(cols, nearest_col, source_w)
+        ys, xs = np.broadcast_arrays(ys[0][:, :, None], xs[0][:, None, :]), (ys[1][:, :, None] & xs[1][:, None, :])
+        ys, xs = ys[0][xs], ys[1][xs]
+        mask[ys, xs] = _argmax(_interpolate(logits, ys, xs, height, width))
     return mask
 
 

@@ -1,10 +1,15 @@
 """The image a POST carries: the raw body, or the `image` file of a multipart form, read within the size limit.
 
 The limit is enforced before anything is read when the client states a Content-Length, and while reading
-otherwise (a chunked body), so an oversized body is never held in memory whole.
+otherwise (a chunked body), so an oversized body is never held in memory whole. A multipart body is split on its
+boundary here, not by WebOb's `request.POST`, which parses every field it holds: 140,000 empty fields in 9 MB
+cost 4.8 s of a worker. Here the parts are counted first (one `bytes.count`) and a form of more than
+`MAX_FORM_PARTS` is refused unread; only part headers are parsed, and the `image` file is sliced out.
 """
 
 from __future__ import annotations
+
+from email.message import Message
 
 from webob import Request
 from webob.exc import HTTPBadRequest, HTTPRequestEntityTooLarge, HTTPUnsupportedMediaType
@@ -14,6 +19,10 @@ from segapp.errors import api_error
 FORM_FIELD = "image"
 _RAW_TYPES = ("application/octet-stream",)
 _CHUNK_BYTES = 64 * 1024
+# An HTML form sends one part per field; a few dozen is generous for a form whose one field that matters is a file.
+MAX_FORM_PARTS = 32
+# A part's headers (Content-Disposition, Content-Type) are a few hundred bytes.
+_MAX_PART_HEADER_BYTES = 8 * 1024
 
 
 def check_media_type(request: Request) -> str:
@@ -39,7 +48,7 @@ def read_image(request: Request, max_bytes: int) -> bytes:
     body = read_body(request.environ, max_bytes)
     if request.content_type.lower() != "multipart/form-data":
         return body
-    return _form_image(request, body)
+    return form_image(request.headers.get("Content-Type", ""), body)
 
 
 def read_body(environ: dict, max_bytes: int) -> bytes:
@@ -90,16 +99,62 @@ def _too_large(max_bytes: int, size: str):
     )
 
 
-def _form_image(request: Request, body: bytes) -> bytes:
-    request.body = body  # parse what was read within the limit, not the stream again
-    try:
-        field = request.POST.get(FORM_FIELD)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise api_error(HTTPBadRequest, "bad_multipart", f"the multipart body cannot be parsed: {error}") from None
-    upload = getattr(field, "file", None)
-    if upload is None:
+def form_image(content_type: str, body: bytes) -> bytes:
+    """The content of the file field `image` of a multipart/form-data `body` (RFC 7578); 400 when the form is
+    malformed, has more than `MAX_FORM_PARTS` parts, has no such file field, or has two fields of that name."""
+    boundary = _header_param(content_type, "content-type", "boundary")
+    if not boundary or len(boundary) > 70:
+        raise _bad_multipart("the Content-Type has no boundary of 1 to 70 characters")
+    delimiter = b"\r\n--" + boundary.encode("latin-1", "replace")
+    body = b"\r\n" + body  # the first delimiter may open the body, with no line break before it
+    parts = body.count(delimiter) - 1  # the last delimiter closes the form
+    if parts > MAX_FORM_PARTS:
+        raise api_error(
+            HTTPBadRequest, "too_many_form_parts",
+            f"the multipart form has {parts} parts; at most {MAX_FORM_PARTS} are read, and one file field "
+            f"{FORM_FIELD!r} is all this service needs",
+        )
+    chunks = body.split(delimiter)
+    closed = [index for index, chunk in enumerate(chunks) if index and chunk.startswith(b"--")]
+    if not closed:
+        raise _bad_multipart("the body has no closing boundary")
+    fields = []  # (disposition, content) of each part named FORM_FIELD
+    for chunk in chunks[1 : closed[0]]:
+        headers, separator, content = chunk.partition(b"\r\n\r\n")
+        if not separator or len(headers) > _MAX_PART_HEADER_BYTES:
+            raise _bad_multipart("a part has no blank line after its headers")
+        disposition = _part_header(headers, b"content-disposition")
+        if _header_param(disposition, "content-disposition", "name") == FORM_FIELD:
+            fields.append((disposition, content))
+    if len(fields) > 1:
+        raise api_error(HTTPBadRequest, "duplicate_image_field",
+                        f"the multipart form has {len(fields)} fields {FORM_FIELD!r}; send one image")
+    if not fields or _header_param(fields[0][0], "content-disposition", "filename") is None:
         raise api_error(
             HTTPBadRequest, "missing_image_field",
             f"the multipart form has no file field {FORM_FIELD!r} (curl -F {FORM_FIELD}=@photo.jpg)",
         )
-    return upload.read()
+    return fields[0][1]
+
+
+def _part_header(headers: bytes, name: bytes) -> str:
+    """The value of header `name` (lower case) in a part's header block, or ""."""
+    for line in headers.split(b"\r\n"):
+        field, colon, value = line.partition(b":")
+        if colon and field.strip().lower() == name:
+            return value.strip().decode("utf-8", "replace")
+    return ""
+
+
+def _header_param(value: str, header: str, param: str) -> str | None:
+    """Parameter `param` of a header value such as `form-data; name="image"` (quotes and RFC 2231 undone)."""
+    message = Message()
+    message[header] = value
+    found = message.get_param(param, header=header)
+    if isinstance(found, tuple):  # RFC 2231: (charset, language, value)
+        found = found[2]
+    return found if isinstance(found, str) else None
+
+
+def _bad_multipart(reason: str):
+    return api_error(HTTPBadRequest, "bad_multipart", f"the multipart body cannot be parsed: {reason}")

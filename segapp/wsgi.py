@@ -128,7 +128,7 @@ class SegmentationApp:
         # Classes and colours come from the card, which Segmenter.load checked against the network's outputs.
         palette = card["palette"]
         if answer == "overlay":
-            return overlay_to_jpeg(result.pixels, result.mask, palette)
+            return overlay_to_jpeg(result.image, result.mask, palette)
         png = mask_to_png(result.mask, palette)
         if answer == "png":
             return png

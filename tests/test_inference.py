@@ -131,9 +131,9 @@ def test_four_class_model_gives_four_class_masks_and_fractions(segmenter_with_cl
 
 def test_two_class_fractions_have_two_entries():
     mask = np.array([[0, 1, 1, 1]], np.uint8)
-    assert Segmentation(mask=mask, pixels=None).class_fractions(2) == [0.25, 0.75]
+    assert Segmentation(mask=mask).class_fractions(2) == [0.25, 0.75]
     with pytest.raises(ValueError, match="class 3, but the model has 2 classes"):
-        Segmentation(mask=np.array([[0, 3]], np.uint8), pixels=None).class_fractions(2)
+        Segmentation(mask=np.array([[0, 3]], np.uint8)).class_fractions(2)
 
 
 @pytest.mark.parametrize(
