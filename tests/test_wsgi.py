@@ -571,3 +571,54 @@ def test_png_and_overlay_answers_use_the_cards_palette(app_for, segmenter_with_c
         # Half the class colour over a black image, read in the middle of its band; JPEG moves it a little.
         centre = pixels[50, int((index + 0.5) * 400 / count)]
         assert np.abs(centre - np.asarray(colour) // 2).max() <= 12, (index, centre.tolist())
+
+
+# --- what one request may cost: sizes an overlay cannot have, truncated JPEGs, multipart forms --------------
+
+
+def _encoded_image(image: Image.Image, fmt: str) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("fmt, size", [("PNG", (70_000, 2)), ("TIFF", (8, 327_704))])
+def test_overlay_of_a_side_over_the_jpeg_limit_is_413_saying_why(app, fmt, size):
+    body = _encoded_image(Image.new("L", size), fmt)
+    error = assert_json_error(post(app, body, url="/infer?format=overlay", status=413), 413, "overlay_too_large")
+    assert "65500" in error["message"] and "format=png" in error["message"]
+    assert png_of(post(app, body, url="/infer?format=png")).size == size
+
+
+def test_jpeg_cut_short_with_a_new_end_marker_is_400(app, jpeg_500x375):
+    body = jpeg_500x375[:2_000] + b"\xff\xd9"
+    error = assert_json_error(post(app, body, url="/infer?format=overlay", status=400), 400, "undecodable_image")
+    assert "truncated" in error["message"]
+
+
+def _multipart(*fields: tuple[str, str | None, bytes]) -> tuple[bytes, str]:
+    boundary = "segappTestBoundary"
+    body = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"'.encode()
+        + (f'; filename="{filename}"'.encode() if filename else b"") + b"\r\n\r\n" + content + b"\r\n"
+        for name, filename, content in fields
+    )
+    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def test_multipart_with_two_image_fields_is_400_not_the_last_one(app, make_image):
+    body, content_type = _multipart(("image", "a.png", make_image("PNG", (20, 10))),
+                                    ("image", "b.png", make_image("PNG", (40, 30))))
+    assert_json_error(post(app, body, content_type=content_type, status=400), 400, "duplicate_image_field")
+
+
+def test_multipart_with_absurd_field_count_is_400(app, make_image):
+    body, content_type = _multipart(*[("f", None, b"")] * 140_000, ("image", "a.png", make_image("PNG", (20, 10))))
+    error = assert_json_error(post(app, body, content_type=content_type, status=400), 400, "too_many_form_parts")
+    assert "140001 parts" in error["message"]
+
+
+def test_multipart_image_field_among_a_few_others_is_segmented(app, make_image):
+    body, content_type = _multipart(("note", None, b"a cat"), ("image", "a.png", make_image("PNG", (20, 10))),
+                                    ("after", None, b"x"))
+    assert png_of(post(app, body, content_type=content_type)).size == (20, 10)
