@@ -1,23 +1,30 @@
 """segapp-client: send images to a segapp server and save its answers.
 
-    segapp-client photo.jpg more/*.png --url http://127.0.0.1:8080 --format overlay -o out/
+    segapp-client photo.jpg more/*.png holiday/ --url http://127.0.0.1:8080 --format overlay -o out/
 
-Each file's raw bytes are POSTed to URL/infer; the answer is written next to the input (or into OUT) as
-NAME.mask.png, NAME.mask.json or NAME.overlay.jpg. Every failed file gets one line on stderr with its reason, and
-the exit status is 1 when any file failed. With several files and a terminal, a progress bar runs on stderr.
-Standard library only, so it runs from any Python 3.10+ without the server's dependencies.
+Each image's raw bytes are POSTed to URL/infer, several at once (--concurrency); a folder stands for the images in it.
+The answer is written next to the input (or into OUT) as NAME.mask.png, NAME.mask.json or NAME.overlay.jpg. A 429 or
+503 is asked again after the server's Retry-After, a lost connection or a 502 or 504 after a short back-off, up to
+--retries times. Every failed image gets one line on stderr with its reason, in the order of the inputs; with several
+images a summary line ends the run, and the exit status is 1 when any image failed. With a terminal, a progress bar
+runs on stderr. Standard library only, so it runs from any Python 3.10+ without the server's dependencies.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import email.utils
+import http.client
 import json
 import mimetypes
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,17 +32,85 @@ from pathlib import Path
 DEFAULT_URL = "http://127.0.0.1:8080"
 SUFFIXES = {"png": ".mask.png", "json": ".mask.json", "overlay": ".overlay.jpg"}
 ACCEPT = {"png": "image/png", "json": "application/json", "overlay": "image/jpeg"}
-# Statuses worth another try: rate limited, overloaded or restarting. Anything else is the answer.
-RETRY_STATUSES = (429, 502, 503)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# Statuses worth another try: rate limited (429), overloaded or draining (503), a worker lost or slow behind nginx
+# (502, 504). Inference has no side effects, so asking again is safe. A 500 is the app failing on this image: the
+# same image fails again.
+RETRY_STATUSES = (429, 502, 503, 504)
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What happened to one input: `error` is None on success, else a one-line reason."""
+    """What happened to one input: `error` is None on success, else a one-line reason; `retried` names what was
+    met and asked again (a status such as "429", or "connection")."""
 
     source: Path
     target: Path | None
     error: str | None = None
+    retried: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Retrying:
+    """How often to ask again (`retries` after the first try) and how long to wait between tries."""
+
+    retries: int = 5
+    max_wait: float = 30.0
+    sleep: Callable[[float], None] = time.sleep
+    now: Callable[[], float] = time.time
+
+    def delay(self, retry_after: str | None, attempt: int) -> float:
+        """Seconds before try `attempt` + 1: the server's Retry-After (seconds or a date), else 0.5, 1, 2 ... s;
+        never over `max_wait`."""
+        seconds = retry_after_seconds(retry_after, self.now())
+        if seconds is None:
+            seconds = 0.5 * 2**attempt
+        return min(seconds, self.max_wait)
+
+
+def retry_after_seconds(value: str | None, now: float) -> float | None:
+    """A Retry-After header (delay-seconds or an HTTP-date) in seconds from `now`; None when absent or malformed."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now) if when.tzinfo else None
+
+
+class Throttle:
+    """At most `limit` requests in flight: --concurrency at first, and each 429 lowers it, for the rest of the run, to
+    one under what was in flight when the server refused. A client asked for more at once than the server allows
+    (nginx: 16 per address) so settles at or under what it allows, and a refused image waits here for a free slot
+    instead of spending its retries on further 429s. A 503 leaves the limit alone: it says the whole server is busy
+    or restarting, for a while, and its Retry-After already thins the load."""
+
+    def __init__(self, ceiling: int):
+        self.limit = ceiling
+        self.in_flight = 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        """Hold one of the `limit` slots for one request."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.in_flight < self.limit)
+            self.in_flight += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.in_flight -= 1
+                self._changed.notify()
+
+    def refused(self) -> None:
+        """The server answered 429 to a request that still holds its slot."""
+        with self._changed:
+            self.limit = max(1, min(self.limit, self.in_flight) - 1)
 
 
 def output_path(source: Path, fmt: str, out_dir: Path | None) -> Path:
@@ -44,9 +119,25 @@ def output_path(source: Path, fmt: str, out_dir: Path | None) -> Path:
     return (out_dir or source.parent) / (name + SUFFIXES[fmt])
 
 
-def segment_file(source: Path, target: Path, url: str, fmt: str, timeout: float, retries: int,
-                 sleep: Callable[[float], None] = time.sleep) -> Outcome:
-    """POST `source` to `url`/infer and write the answer to `target`."""
+def expand_inputs(paths: list[Path]) -> list[Path]:
+    """Each path as given, a folder replaced by the images in it (by name, not recursive), leaving out the answers
+    this client writes (NAME.mask.png ...) so that a second run does not segment the first one's masks."""
+    images: list[Path] = []
+    for path in paths:
+        if not path.is_dir():
+            images.append(path)
+            continue
+        images.extend(sorted(
+            child for child in path.iterdir()
+            if child.suffix.lower() in IMAGE_SUFFIXES and child.is_file()
+            and not child.name.endswith(tuple(SUFFIXES.values()))
+        ))
+    return images
+
+
+def segment_file(source: Path, target: Path, url: str, fmt: str, timeout: float, retrying: Retrying = Retrying(),
+                 throttle: Throttle | None = None) -> Outcome:
+    """POST `source` to `url`/infer and write the answer to `target`, asking again as `retrying` allows."""
     try:
         data = source.read_bytes()
     except OSError as error:
@@ -60,31 +151,39 @@ def segment_file(source: Path, target: Path, url: str, fmt: str, timeout: float,
         method="POST",
         headers={"Content-Type": content_type, "Accept": ACCEPT[fmt], "User-Agent": "segapp-client"},
     )
-    for attempt in range(retries + 1):
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                body = response.read()
-            break
-        except urllib.error.HTTPError as error:
-            if error.code in RETRY_STATUSES and attempt < retries:
-                sleep(_retry_delay(error.headers.get("Retry-After"), attempt))
-                continue
-            return Outcome(source, None, _http_reason(error))
-        except (urllib.error.URLError, OSError) as error:
-            reason = getattr(error, "reason", error)
-            return Outcome(source, None, f"cannot reach {url}: {reason}")
+    throttle = throttle or Throttle(1)
+    retried: list[str] = []
+    for attempt in range(retrying.retries + 1):
+        retry_after = None
+        with throttle.slot():
+            try:
+                with urllib.request.urlopen(request, timeout=timeout) as response:
+                    body = response.read()
+                break
+            except urllib.error.HTTPError as error:
+                if error.code not in RETRY_STATUSES:
+                    return Outcome(source, None, _http_reason(error), tuple(retried))
+                if error.code == 429:
+                    throttle.refused()
+                reason, kind, retry_after = _http_reason(error), str(error.code), error.headers.get("Retry-After")
+            except urllib.error.URLError as error:
+                # Refused: nothing listens there, so no wait will help (curl's --retry does not retry it either).
+                if isinstance(error.reason, ConnectionRefusedError):
+                    return Outcome(source, None, f"cannot reach {url}: {error.reason}", tuple(retried))
+                reason, kind = f"cannot reach {url}: {error.reason}", "connection"
+            except (OSError, http.client.HTTPException) as error:  # reset, closed or timed out while answering
+                reason, kind = f"connection to {url} lost: {error or type(error).__name__}", "connection"
+        if attempt == retrying.retries:
+            suffix = f" (after {attempt} retries)" if attempt else ""
+            return Outcome(source, None, reason + suffix, tuple(retried))
+        retried.append(kind)
+        retrying.sleep(retrying.delay(retry_after, attempt))
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(body)
     except OSError as error:
-        return Outcome(source, None, f"cannot write {target}: {error.strerror or error}")
-    return Outcome(source, target)
-
-
-def _retry_delay(retry_after: str | None, attempt: int) -> float:
-    if retry_after and retry_after.isdigit():
-        return min(float(retry_after), 30.0)
-    return 0.5 * 2**attempt
+        return Outcome(source, None, f"cannot write {target}: {error.strerror or error}", tuple(retried))
+    return Outcome(source, target, None, tuple(retried))
 
 
 def _http_reason(error: urllib.error.HTTPError) -> str:
@@ -94,6 +193,18 @@ def _http_reason(error: urllib.error.HTTPError) -> str:
         return f"{error.code} {detail['code']}: {detail['message']}"
     except (ValueError, KeyError, TypeError, OSError):
         return f"{error.code} {error.reason}"
+
+
+def summary(outcomes: list[Outcome], seconds: float) -> str:
+    """One line: `200 images, 200 answered, 0 failed, 23 retries (429: 23), 61.2 images/s in 3.3 s`."""
+    answered = sum(outcome.error is None for outcome in outcomes)
+    retried = Counter(kind for outcome in outcomes for kind in outcome.retried)
+    retries = f"{sum(retried.values())} retries"
+    if retried:
+        retries += " (" + ", ".join(f"{kind}: {count}" for kind, count in sorted(retried.items())) + ")"
+    rate = answered / seconds if seconds > 0 else 0.0
+    return (f"{len(outcomes)} images, {answered} answered, {len(outcomes) - answered} failed, {retries}, "
+            f"{rate:.1f} images/s in {seconds:.1f} s")
 
 
 class Progress:
@@ -130,24 +241,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="segapp-client",
         description="POST images to a segapp server and write its masks beside them (or into OUT).",
     )
-    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files to segment")
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE",
+                        help="image files, or folders: each folder's images (not its subfolders)")
     parser.add_argument("--url", default=DEFAULT_URL, help=f"the server (default {DEFAULT_URL})")
     parser.add_argument("--format", choices=tuple(SUFFIXES), default="png",
                         help="png: the class mask; json: mask and class fractions; overlay: the image with the mask")
     parser.add_argument("-o", "--out", type=Path, help="write answers into this folder instead of beside the inputs")
-    parser.add_argument("-j", "--jobs", type=int, default=2, help="requests in flight at once (default 2)")
+    parser.add_argument("-c", "--concurrency", "-j", "--jobs", dest="concurrency", type=int, default=4,
+                        help="requests in flight at once, at most (default 4); fewer while the server answers 429")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for one answer (default 60)")
-    parser.add_argument("--retries", type=int, default=2,
-                        help="tries again after 429, 502 or 503, backing off (default 2)")
+    parser.add_argument("--retries", type=int, default=5,
+                        help="asks again after 429, 502, 503, 504 or a lost connection, up to this many times "
+                             "(default 5)")
+    parser.add_argument("--max-wait", type=float, default=30.0,
+                        help="longest wait before asking again, whatever Retry-After says (default 30 s)")
     args = parser.parse_args(argv)
-    if args.jobs < 1 or args.retries < 0 or args.timeout <= 0:
-        parser.error("--jobs must be at least 1, --retries 0 or more, --timeout above 0")
+    if args.concurrency < 1 or args.retries < 0 or args.timeout <= 0 or args.max_wait < 0:
+        parser.error("--concurrency must be at least 1, --retries and --max-wait 0 or more, --timeout above 0")
+    if not args.url.startswith(("http://", "https://")):
+        parser.error(f"--url {args.url}: expected http://HOST[:PORT] or https://...")
+    args.images = expand_inputs(args.images)
+    if not args.images:
+        parser.error("no images: the folders given hold none")
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, sleep: Callable[[float], None] = time.sleep) -> int:
     """Segment every IMAGE; 0 when all succeeded, 1 when any failed, 2 for a usage error."""
     args = parse_args(argv)
+    retrying = Retrying(args.retries, args.max_wait, sleep)
+    throttle = Throttle(args.concurrency)
     targets = [output_path(source, args.format, args.out) for source in args.images]
     progress = Progress(len(args.images), sys.stderr)
     outcomes: list[Outcome] = []
@@ -159,22 +282,23 @@ def main(argv: list[str] | None = None) -> int:
             continue
         seen.add(target)
         jobs.append((source, target))
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(segment_file, s, t, args.url, args.format, args.timeout, args.retries) for s, t in jobs]
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
+        futures = [pool.submit(segment_file, s, t, args.url, args.format, args.timeout, retrying, throttle)
+                   for s, t in jobs]
         for outcome in outcomes:
             progress.print(f"segapp-client: {outcome.source}: {outcome.error}")
             progress.advance(failed=True)
-        for future in futures:
+        for future in futures:  # in input order, so the lines and their order do not depend on timing
             outcome = future.result()
             outcomes.append(outcome)
             if outcome.error:
                 progress.print(f"segapp-client: {outcome.source}: {outcome.error}")
             progress.advance(failed=outcome.error is not None)
     progress.clear()
-    failed = [o for o in outcomes if o.error]
-    if len(args.images) > 1:
-        print(f"segapp-client: {len(outcomes) - len(failed)} of {len(outcomes)} images segmented", file=sys.stderr)
-    return 1 if failed else 0
+    if len(outcomes) > 1:
+        print(f"segapp-client: {summary(outcomes, time.monotonic() - started)}", file=sys.stderr)
+    return 1 if any(outcome.error for outcome in outcomes) else 0
 
 
 if __name__ == "__main__":

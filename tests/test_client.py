@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import threading
+import time
 import urllib.error
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -13,25 +16,61 @@ import pytest
 
 from segapp import client
 
+RATE_LIMITED = b'{"error": {"code": "rate_limited", "message": "retry later", "request_id": "x"}}'
+
 
 class FakeSegapp(BaseHTTPRequestHandler):
-    """POST /infer: 200 with a body naming the format, or 413 for a body starting with BIG, 429 once for RETRY."""
+    """POST /infer: 200 with a body naming the format, except for these bodies:
+    `BIG...`: 413; `BUSY <n> <status> [<retry-after>]`: `status` (with that Retry-After) for the first n tries;
+    `SLOW...`: answered after 0.3 s. With `gate` set, every request waits for that barrier before it is answered;
+    with `max_in_flight` set, a request beyond it is a 429 (Retry-After: 0), as nginx's limit_conn does."""
 
     requests: list[dict] = []
-    retried: set[bytes] = set()
+    tries: dict[bytes, int] = {}
+    gate: threading.Barrier | None = None
+    max_in_flight: int | None = None
+    in_flight = peak_in_flight = 0
+    lock = threading.Lock()
 
     def do_POST(self):  # noqa: N802 (http.server's naming)
         body = self.rfile.read(int(self.headers["Content-Length"]))
-        FakeSegapp.requests.append({"path": self.path, "type": self.headers["Content-Type"],
-                                    "accept": self.headers["Accept"], "body": body})
+        cls = FakeSegapp
+        with cls.lock:
+            cls.requests.append({"path": self.path, "type": self.headers["Content-Type"],
+                                 "accept": self.headers["Accept"], "body": body})
+            cls.tries[body] = tries = cls.tries.get(body, 0) + 1
+            refused = cls.max_in_flight is not None and cls.in_flight >= cls.max_in_flight
+            if not refused:
+                cls.in_flight += 1
+                cls.peak_in_flight = max(cls.peak_in_flight, cls.in_flight)
+        if refused:
+            return self._answer(429, RATE_LIMITED, "application/json", {"Retry-After": "0"})
+        try:
+            status, answer, content_type, headers = self._choose(body, tries)
+        finally:
+            with cls.lock:  # before the answer is sent, so a client that has read it never finds its slot taken
+                cls.in_flight -= 1
+        self._answer(status, answer, content_type, headers)
+
+    def _choose(self, body: bytes, tries: int):
+        if FakeSegapp.gate is not None:
+            try:
+                FakeSegapp.gate.wait()
+            except threading.BrokenBarrierError:
+                return 500, b"fewer requests at once than expected", "text/plain", {}
+        if FakeSegapp.max_in_flight is not None:
+            time.sleep(0.05)  # long enough for the client's other requests to meet the limit
         if body.startswith(b"BIG"):
-            self._answer(413, b'{"error": {"code": "body_too_large", "message": "over 10 MiB", "request_id": "x"}}',
-                         "application/json")
-        elif body.startswith(b"RETRY") and body not in FakeSegapp.retried:
-            FakeSegapp.retried.add(body)
-            self._answer(429, b"<html>slow down</html>", "text/html", {"Retry-After": "0"})
-        else:
-            self._answer(200, b"answer:" + self.path.encode(), self.headers["Accept"])
+            return 413, b'{"error": {"code": "body_too_large", "message": "over 10 MiB", "request_id": "x"}}', \
+                "application/json", {}
+        if body.startswith(b"BUSY"):
+            count, status, *retry_after = body.split()[1:]
+            if tries <= int(count):
+                headers = {"Retry-After": retry_after[0].decode()} if retry_after else {}
+                return int(status), RATE_LIMITED, "application/json", headers
+        if body.startswith(b"SLOW"):
+            time.sleep(0.3)
+        return 200, b"answer:" + self.path.encode(), self.headers["Accept"], {}
 
     def _answer(self, status: int, body: bytes, content_type: str, headers: dict | None = None):
         self.send_response(status)
@@ -49,7 +88,9 @@ class FakeSegapp(BaseHTTPRequestHandler):
 @pytest.fixture
 def server_url():
     FakeSegapp.requests = []
-    FakeSegapp.retried = set()
+    FakeSegapp.tries = {}
+    FakeSegapp.gate = FakeSegapp.max_in_flight = None
+    FakeSegapp.in_flight = FakeSegapp.peak_in_flight = 0
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeSegapp)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -58,11 +99,25 @@ def server_url():
     server.server_close()
 
 
+class Sleeps(list):
+    """Records each wait instead of waiting."""
+
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
 def write(folder: Path, name: str, data: bytes) -> Path:
     path = folder / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return path
+
+
+def summary_of(err: str) -> dict[str, str]:
+    """The summary line's figures by name: {"images": "3", "answered": "1", "failed": "2", "retries": "0", ...}."""
+    line = err.splitlines()[-1]
+    assert line.startswith("segapp-client: "), line
+    return {name: value for value, name in re.findall(r"([\d.]+) (images/s|images|answered|failed|retries)", line)}
 
 
 def test_writes_masks_beside_the_inputs(server_url, tmp_path, capsys):
@@ -83,30 +138,126 @@ def test_formats_into_an_output_folder(server_url, tmp_path, fmt, suffix):
     assert FakeSegapp.requests[0]["type"] == "image/png"
 
 
-def test_failures_get_one_line_each_and_a_nonzero_exit(server_url, tmp_path, capsys):
-    good = write(tmp_path, "good.jpg", b"fine")
+def test_failures_get_one_line_each_in_input_order_and_a_nonzero_exit(server_url, tmp_path, capsys):
+    slow = write(tmp_path, "slow.jpg", b"SLOW but fine")
     big = write(tmp_path, "big.jpg", b"BIG image")
     missing = tmp_path / "missing.jpg"
-    status = client.main([str(good), str(big), str(missing), "--url", server_url])
+    status = client.main([str(slow), str(big), str(missing), "--url", server_url, "--concurrency", "3"])
     assert status == 1
-    err = capsys.readouterr().err.splitlines()
-    assert f"segapp-client: {big}: 413 body_too_large: over 10 MiB" in err
-    assert any(line.startswith(f"segapp-client: {missing}: cannot read") for line in err)
-    assert err[-1] == "segapp-client: 1 of 3 images segmented"
-    assert (tmp_path / "good.mask.png").exists() and not (tmp_path / "big.mask.png").exists()
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    # big.jpg is answered long before slow.jpg, yet the lines follow the inputs
+    assert lines[0] == f"segapp-client: {big}: 413 body_too_large: over 10 MiB"
+    assert lines[1].startswith(f"segapp-client: {missing}: cannot read")
+    assert summary_of(err) | {"images/s": "-"} == {"images": "3", "answered": "1", "failed": "2", "retries": "0",
+                                                    "images/s": "-"}
+    assert (tmp_path / "slow.mask.png").exists() and not (tmp_path / "big.mask.png").exists()
 
 
-def test_rate_limited_requests_are_retried(server_url, tmp_path):
-    photo = write(tmp_path, "busy.jpg", b"RETRY me")
-    assert client.main([str(photo), "--url", server_url]) == 0
-    assert len(FakeSegapp.requests) == 2
+def test_a_folder_stands_for_its_images_but_not_earlier_answers(server_url, tmp_path, capsys):
+    for name in ("b.png", "a.jpg", "a.mask.png", "c.overlay.jpg", "notes.txt", "sub/d.jpg"):
+        write(tmp_path / "in", name, name.encode())
+    assert client.main([str(tmp_path / "in"), "--url", server_url, "-o", str(tmp_path / "out")]) == 0
+    assert sorted(request["body"] for request in FakeSegapp.requests) == [b"a.jpg", b"b.png"]
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["a.mask.png", "b.mask.png"]
+    assert summary_of(capsys.readouterr().err)["answered"] == "2"
 
 
-def test_unreachable_server_is_one_line(tmp_path, capsys):
+def test_an_empty_folder_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        client.main([str(tmp_path)])
+    assert exit_.value.code == 2
+    assert "no images" in capsys.readouterr().err
+
+
+def test_concurrency_is_the_number_of_requests_in_flight(server_url, tmp_path):
+    images = [write(tmp_path, f"{n}.jpg", b"image %d" % n) for n in range(8)]
+    FakeSegapp.gate = threading.Barrier(4, timeout=10)  # answers only when four requests wait together
+    assert client.main([*map(str, images), "--url", server_url, "--concurrency", "4"]) == 0
+    assert FakeSegapp.peak_in_flight == 4
+    assert all((tmp_path / f"{n}.mask.png").exists() for n in range(8))
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_retry_after_is_waited_for_then_the_image_is_answered(server_url, tmp_path, capsys, status):
+    busy = write(tmp_path, "busy.jpg", f"BUSY 3 {status} 2".encode())
+    calm = write(tmp_path, "calm.jpg", b"calm")
+    sleeps = Sleeps()
+    assert client.main([str(busy), str(calm), "--url", server_url], sleep=sleeps) == 0
+    assert sleeps == [2, 2, 2]
+    assert FakeSegapp.tries[busy.read_bytes()] == 4
+    assert (tmp_path / "busy.mask.png").read_bytes() == b"answer:/infer?format=png"
+    err = capsys.readouterr().err
+    summary = summary_of(err)
+    assert (summary["answered"], summary["failed"], summary["retries"]) == ("2", "0", "3")
+    assert f"3 retries ({status}: 3)" in err
+
+
+def test_the_summary_names_what_was_retried():
+    outcomes = [client.Outcome(Path("a"), Path("a.mask.png"), None, ("429", "429", "503")),
+                client.Outcome(Path("b"), None, "429 rate_limited: retry later (after 5 retries)", ("429",) * 5),
+                client.Outcome(Path("c"), Path("c.mask.png"))]
+    assert client.summary(outcomes, 4.0) == \
+        "3 images, 2 answered, 1 failed, 8 retries (429: 7, 503: 1), 0.5 images/s in 4.0 s"
+
+
+def test_gives_up_after_its_retries(server_url, tmp_path, capsys):
+    busy = write(tmp_path, "busy.jpg", b"BUSY 99 429 1")
+    sleeps = Sleeps()
+    assert client.main([str(busy), "--url", server_url, "--retries", "3"], sleep=sleeps) == 1
+    assert sleeps == [1, 1, 1]
+    assert FakeSegapp.tries[b"BUSY 99 429 1"] == 4
+    assert capsys.readouterr().err.splitlines() == [
+        f"segapp-client: {busy}: 429 rate_limited: retry later (after 3 retries)"]
+    assert not (tmp_path / "busy.mask.png").exists()
+
+
+def test_a_long_retry_after_is_capped(server_url, tmp_path):
+    busy = write(tmp_path, "busy.jpg", b"BUSY 1 503 3600")
+    sleeps = Sleeps()
+    assert client.main([str(busy), "--url", server_url, "--max-wait", "5"], sleep=sleeps) == 0
+    assert sleeps == [5]
+
+
+def test_gateway_errors_back_off_and_a_500_is_not_retried(server_url, tmp_path, capsys):
+    gateway = write(tmp_path, "gateway.jpg", b"BUSY 2 502")
+    broken = write(tmp_path, "broken.jpg", b"BUSY 1 500")
+    sleeps = Sleeps()
+    assert client.main([str(gateway), str(broken), "--url", server_url, "--concurrency", "1"], sleep=sleeps) == 1
+    assert sleeps == [0.5, 1.0]
+    assert (FakeSegapp.tries[b"BUSY 2 502"], FakeSegapp.tries[b"BUSY 1 500"]) == (3, 1)
+    assert summary_of(capsys.readouterr().err)["failed"] == "1"
+
+
+def test_a_client_asking_more_at_once_than_allowed_settles_at_the_limit(server_url, tmp_path, capsys):
+    images = [write(tmp_path, f"{n}.jpg", b"image %d" % n) for n in range(30)]
+    FakeSegapp.max_in_flight = 2
+    # one retry each: an image refused once waits for a free slot instead of meeting the limit again
+    status = client.main([*map(str, images), "--url", server_url, "--concurrency", "6", "--retries", "1"])
+    err = capsys.readouterr().err
+    assert status == 0, err
+    summary = summary_of(err)
+    assert (summary["answered"], summary["failed"]) == ("30", "0")
+    assert 0 < int(summary["retries"]) < 30
+    assert len(list(tmp_path.glob("*.mask.png"))) == 30
+
+
+def test_retry_after_as_seconds_or_a_date():
+    now = 1_700_000_000.0
+    assert client.retry_after_seconds("7", now) == 7
+    assert client.retry_after_seconds(formatdate(now + 12, usegmt=True), now) == 12
+    assert client.retry_after_seconds(formatdate(now - 60, usegmt=True), now) == 0
+    assert client.retry_after_seconds("soon", now) is None
+    assert client.retry_after_seconds(None, now) is None
+
+
+def test_unreachable_server_is_one_line_at_once(tmp_path, capsys):
     photo = write(tmp_path, "photo.jpg", b"jpeg bytes")
-    assert client.main([str(photo), "--url", "http://127.0.0.1:9", "--retries", "0"]) == 1
+    sleeps = Sleeps()
+    assert client.main([str(photo), "--url", "http://127.0.0.1:9"], sleep=sleeps) == 1
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"segapp-client: {photo}: cannot reach http://127.0.0.1:9")
+    assert sleeps == []  # refused: nothing listens there, no wait would help
 
 
 def test_two_inputs_with_one_output_name_are_refused(server_url, tmp_path, capsys):
