@@ -81,6 +81,25 @@ def read_body(environ: dict, max_bytes: int) -> bytes:
         parts.append(part)
 
 
+def discard_body(environ: dict, max_bytes: int) -> None:
+    """Read and drop what is left of the request body, at most `max_bytes` of it (a request refused before its
+    body was read)."""
+    stream = environ["wsgi.input"]
+    try:
+        left = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        return
+    chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+    if chunked or environ.get("wsgi.input_terminated"):
+        left = max_bytes
+    left = min(left, max_bytes)
+    while left > 0:
+        part = stream.read(min(left, _CHUNK_BYTES))
+        if not part:
+            return
+        left -= len(part)
+
+
 def _read_exactly(stream, length: int) -> bytes:
     parts, left = [], length
     while left > 0:

@@ -622,3 +622,20 @@ def test_multipart_image_field_among_a_few_others_is_segmented(app, make_image):
     body, content_type = _multipart(("note", None, b"a cat"), ("image", "a.png", make_image("PNG", (20, 10))),
                                     ("after", None, b"x"))
     assert png_of(post(app, body, content_type=content_type)).size == (20, 10)
+
+
+@pytest.mark.parametrize("query, content_type, accept, status", [
+    ("?format=gif", "image/png", None, 400),
+    ("", "text/plain", None, 415),
+    ("", "image/png", "text/html", 406),
+])
+def test_request_refused_before_its_body_is_used_still_has_its_body_read(app, jpeg_500x375, query, content_type,
+                                                                          accept, status):
+    """uWSGI resets a connection closed with body bytes unread, and nginx then may lose the answer (a 502)."""
+    body = io.BytesIO(jpeg_500x375)  # tell() says how far the app read it
+    request = TestRequest.blank(f"/infer{query}", method="POST", content_type=content_type)
+    request.environ.update({"wsgi.input": body, "CONTENT_LENGTH": str(len(jpeg_500x375))})
+    if accept:
+        request.headers["Accept"] = accept
+    assert request.get_response(app.app).status_int == status
+    assert body.tell() == len(jpeg_500x375)
