@@ -3,6 +3,7 @@
     POST {route}      image bytes (or multipart field "image") -> PNG mask, JSON or JPEG overlay
     GET  /healthz     liveness        GET /readyz   readiness (503 until the model is loaded and warm)
     GET  /v1/model    the model card  GET /metrics  Prometheus text format
+    /v2/...           the Open Inference Protocol (KServe v2): segapp.inference_protocol lists its routes
 
 `make_app(settings, segmenter)` builds the app; `application` is what uWSGI loads (`module = segapp.wsgi:application`).
 """
@@ -13,6 +14,7 @@ import base64
 import json
 import logging
 import os
+import re
 import threading
 import time
 
@@ -31,9 +33,10 @@ from segapp.config import Settings
 from segapp.errors import api_error, render_error, request_id_for
 from segapp.imaging import ImageError, ImageTooLargeError, mask_to_png, overlay_to_jpeg
 from segapp.inference import Segmentation, Segmenter
+from segapp.inference_protocol import HEADER_LENGTH, InferenceProtocol, protocol_error_body, server_metadata
 from segapp.metrics import Metrics
 from segapp.negotiation import MEDIA_TYPES, choose_format
-from segapp.uploads import check_media_type, discard_body, read_image
+from segapp.uploads import check_media_type, discard_body, read_body, read_image
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("segapp.access")
@@ -41,6 +44,8 @@ access_log = logging.getLogger("segapp.access")
 # Metric labels take the method only from this set, so a client cannot grow the label's values.
 _METHOD_LABELS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"))
 _READ_METHODS = ("GET", "HEAD")
+# A model's routes in the Open Inference Protocol: /v2/models/{name}, optionally /versions/{version}, then more.
+_V2_MODEL = r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?"
 
 
 class SegmentationApp:
@@ -55,6 +60,7 @@ class SegmentationApp:
         self.segmenter = segmenter
         self.metrics = metrics
         self.clock = clock
+        self.protocol = InferenceProtocol(segmenter, settings.max_pixels, clock)
         # path -> (endpoint, methods allowed)
         self.routes = {
             settings.route: ("infer", ("POST",)),
@@ -62,7 +68,17 @@ class SegmentationApp:
             "/readyz": ("readyz", _READ_METHODS),
             "/v1/model": ("model", _READ_METHODS),
             "/metrics": ("metrics", _READ_METHODS),
+            "/v2": ("v2_server", _READ_METHODS),
+            "/v2/health/live": ("v2_live", _READ_METHODS),
+            "/v2/health/ready": ("v2_ready", _READ_METHODS),
         }
+        # Paths with parameters, tried in order after the exact ones: (pattern, route template for the metrics'
+        # label, endpoint, methods allowed); the pattern's named groups are the handler's keyword arguments.
+        self.patterns = [
+            (re.compile(_V2_MODEL), "/v2/models/{name}", "v2_model", _READ_METHODS),
+            (re.compile(_V2_MODEL + "/ready"), "/v2/models/{name}/ready", "v2_model_ready", _READ_METHODS),
+            (re.compile(_V2_MODEL + "/infer"), "/v2/models/{name}/infer", "v2_infer", ("POST",)),
+        ]
 
     def __call__(self, environ, start_response):
         started = self.clock()
@@ -72,10 +88,11 @@ class SegmentationApp:
         try:
             response = self.dispatch(request)
         except HTTPException as error:
-            response = render_error(error, request_id)
+            response = self.render_error(request, error, request_id)
         except Exception:
             log.exception("unexpected error answering %s %s request_id=%s", request.method, request.path, request_id)
-            response = render_error(HTTPInternalServerError(detail="unexpected error; see the server log"), request_id)
+            error = HTTPInternalServerError(detail="unexpected error; see the server log")
+            response = self.render_error(request, error, request_id)
         finally:
             self.metrics.in_flight.dec()
         elapsed = self.clock() - started
@@ -89,9 +106,26 @@ class SegmentationApp:
             log.exception("could not record request_id=%s", request_id)
         return response(environ, start_response)
 
+    def route(self, path: str) -> tuple[str | None, str, tuple[str, ...], dict[str, str]]:
+        """(endpoint, route template, methods allowed, path parameters) for `path`; endpoint None when none."""
+        if path in self.routes:
+            endpoint, allowed = self.routes[path]
+            return endpoint, path, allowed, {}
+        for pattern, template, endpoint, allowed in self.patterns:
+            if match := pattern.fullmatch(path):
+                return endpoint, template, allowed, match.groupdict()
+        return None, "other", (), {}
+
+    def render_error(self, request: Request, error: HTTPException, request_id: str) -> Response:
+        """`error` as JSON: the Open Inference Protocol's `{"error": "..."}` under /v2, segapp's shape elsewhere."""
+        response = render_error(error, request_id)
+        if request.path_info == "/v2" or request.path_info.startswith("/v2/"):
+            response.body = protocol_error_body(error)
+        return response
+
     def dispatch(self, request: Request) -> Response:
         """The handler's response for `request`; raises `webob.exc` exceptions for rejections."""
-        endpoint, allowed = self.routes.get(request.path_info, (None, ()))
+        endpoint, _, allowed, parameters = self.route(request.path_info)
         if endpoint is None:
             raise api_error(HTTPNotFound, "not_found", f"there is no resource at {request.path}")
         if request.method not in allowed:
@@ -99,7 +133,7 @@ class SegmentationApp:
                 HTTPMethodNotAllowed, "method_not_allowed",
                 f"{request.method} is not allowed on {request.path}; use {', '.join(allowed)}", allow=allowed,
             )
-        return getattr(self, f"on_{endpoint}")(request)
+        return getattr(self, f"on_{endpoint}")(request, **parameters)
 
     def on_infer(self, request: Request) -> Response:
         """Segment the POSTed image; answer a PNG mask, JSON or a JPEG overlay."""
@@ -177,6 +211,53 @@ class SegmentationApp:
         response.headers["Content-Type"] = content_type
         return response
 
+    def on_v2_server(self, request: Request) -> Response:
+        """Open Inference Protocol server metadata: name, version, extensions."""
+        return _json_response(server_metadata())
+
+    def on_v2_live(self, request: Request) -> Response:
+        """Open Inference Protocol liveness: 200 whenever the process can answer."""
+        return _json_response({"live": True})
+
+    def on_v2_ready(self, request: Request) -> Response:
+        """Open Inference Protocol readiness: as /readyz, 503 while the model loads or the instance drains."""
+        self.on_readyz(request)  # raises its 503s
+        return _json_response({"ready": True})
+
+    def on_v2_model(self, request: Request, name: str, version: str | None) -> Response:
+        """Open Inference Protocol model metadata: the input and outputs, their datatypes and shapes."""
+        self._require_ready()
+        self.protocol.check_model(name, version)
+        return _json_response(self.protocol.metadata())
+
+    def on_v2_model_ready(self, request: Request, name: str, version: str | None) -> Response:
+        """Open Inference Protocol model readiness: 200 once the model is loaded, 503 before."""
+        self._require_ready()
+        self.protocol.check_model(name, version)
+        return _json_response({"name": name, "ready": True})
+
+    def on_v2_infer(self, request: Request, name: str, version: str | None) -> Response:
+        """Open Inference Protocol inference: JSON or binary tensors in, the mask (and class fractions) out."""
+        # The body first, within the limit: answering with it unread would reset the socket under nginx.
+        body = read_body(request.environ, self.settings.max_body_bytes)
+        self._require_ready()
+        self.protocol.check_model(name, version)
+        header_length = request.environ.get("HTTP_" + HEADER_LENGTH.upper().replace("-", "_"))
+        parsed = self.protocol.parse(body, request.content_type.lower(), header_length)
+        answer = self.protocol.answer(parsed, self.protocol.infer(parsed))
+        for result in answer.segmentations:
+            self.metrics.observe_inference(result.timings, int(result.mask.size))
+        self.metrics.stage_seconds.labels("encode").observe(answer.timings["encode"])
+        binary = answer.header_length is not None
+        response = Response(body=answer.body, charset=None,
+                            content_type="application/octet-stream" if binary else "application/json")
+        if binary:
+            response.headers[HEADER_LENGTH] = str(answer.header_length)
+        response.headers["Server-Timing"] = ", ".join(
+            f"{stage};dur={seconds * 1000:.2f}" for stage, seconds in answer.timings.items()
+        )
+        return response
+
     def _require_ready(self) -> None:
         if not self.segmenter.ready:
             raise api_error(
@@ -184,8 +265,7 @@ class SegmentationApp:
             )
 
     def _account(self, request: Request, response: Response, request_id: str, elapsed: float) -> None:
-        endpoint = self.routes.get(request.path_info)
-        route = request.path_info if endpoint else "other"
+        route = self.route(request.path_info)[1]
         method = request.method if request.method in _METHOD_LABELS else "other"
         self.metrics.observe_request(route, method, response.status_code, elapsed)
         access_log.info(
