@@ -82,17 +82,18 @@ def read_body(environ: dict, max_bytes: int) -> bytes:
 
 
 def discard_body(environ: dict, max_bytes: int) -> None:
-    """Read and drop what is left of the request body, at most `max_bytes` of it (a request refused before its
-    body was read)."""
-    stream = environ["wsgi.input"]
+    """Read and drop what is left of a request body of a declared Content-Length of at most `max_bytes`.
+
+    Behind nginx every body has a Content-Length. A larger body was refused unread on purpose, and a chunked one
+    is left to the WSGI server, which ends it itself.
+    """
     try:
         left = int(environ.get("CONTENT_LENGTH") or 0)
     except ValueError:
         return
-    chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
-    if chunked or environ.get("wsgi.input_terminated"):
-        left = max_bytes
-    left = min(left, max_bytes)
+    if left > max_bytes:
+        return
+    stream = environ["wsgi.input"]
     while left > 0:
         part = stream.read(min(left, _CHUNK_BYTES))
         if not part:

@@ -312,6 +312,22 @@ def test_chunked_body_over_limit_is_413_after_reading_only_the_limit(app_for, fa
     assert limit < body.bytes_read <= limit + 1
 
 
+@pytest.mark.parametrize("url, content_type", [
+    ("/infer", "text/plain"),          # 415
+    ("/infer?format=gif", "image/png"),  # 400 bad_format
+    ("/healthz", "image/png"),         # 405
+    ("/nowhere", "image/png"),         # 404
+])
+def test_a_refused_request_body_is_read_to_its_end(app, url, content_type):
+    """uWSGI resets a connection closed with unread data, and nginx then loses the answer (a 502)."""
+    body = io.BytesIO(b"x" * 300_000)
+    request = TestRequest.blank(url, method="POST", content_type=content_type)
+    request.environ.update({"wsgi.input": body, "CONTENT_LENGTH": "300000"})
+    response = app.do_request(request, expect_errors=True)
+    assert response.status_int in (400, 404, 405, 415)
+    assert body.tell() == 300_000
+
+
 def test_chunked_body_under_limit_is_segmented(app_for, fake_segmenter, make_image):
     app = app_for(fake_segmenter)
     request = TestRequest.blank("/infer", method="POST", content_type="image/png")
