@@ -10,9 +10,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from PIL import Image
+
 from segapp.inference import SHIPPED_MODEL
 
 FORMATS = ("png", "json", "overlay")
+# segapp.imaging keeps Pillow's process-wide guard, which refuses larger images whatever segapp's own limit says.
+PILLOW_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -35,7 +39,8 @@ class Settings:
     """SEGAPP_MAX_BODY_BYTES: larger request bodies get 413 before they are read. Keep nginx's
     client_max_body_size equal."""
     max_pixels: int = 40_000_000
-    """SEGAPP_MAX_PIXELS: larger images get 413 from their header, before they are decoded."""
+    """SEGAPP_MAX_PIXELS: larger images get 413 from their header, before they are decoded. At most Pillow's own
+    guard against decompression bombs (Image.MAX_IMAGE_PIXELS, 89,478,485), which stays on."""
     default_format: str = "png"
     """SEGAPP_DEFAULT_FORMAT: the answer when the client states no preference: png, json or overlay."""
     log_level: str = "INFO"
@@ -52,7 +57,7 @@ class Settings:
             "threads": self.threads < 1,
             "route": not self.route.startswith("/") or self.route in ("/healthz", "/readyz", "/metrics", "/v1/model"),
             "max_body_bytes": self.max_body_bytes < 1,
-            "max_pixels": self.max_pixels < 1,
+            "max_pixels": not 1 <= self.max_pixels <= PILLOW_MAX_PIXELS,
             "default_format": self.default_format not in FORMATS,
             "log_level": self.log_level not in LOG_LEVELS,
             "engine_delay_ms": self.engine_delay_ms < 0,
@@ -78,7 +83,7 @@ _HINTS = {
     "threads": "a whole number of at least 1",
     "route": "a path beginning with / that is not one of the service's own routes",
     "max_body_bytes": "a whole number of bytes of at least 1",
-    "max_pixels": "a whole number of at least 1",
+    "max_pixels": f"a whole number from 1 to {PILLOW_MAX_PIXELS} (Pillow refuses larger images)",
     "default_format": "one of " + ", ".join(FORMATS),
     "log_level": "one of " + ", ".join(LOG_LEVELS),
     "engine_delay_ms": "a whole number of milliseconds, 0 or more",

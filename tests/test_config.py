@@ -56,6 +56,7 @@ def test_empty_variable_keeps_the_default():
     ("SEGAPP_THREADS", "0"),
     ("SEGAPP_MAX_BODY_BYTES", "-1"),
     ("SEGAPP_MAX_PIXELS", "lots"),
+    ("SEGAPP_MAX_PIXELS", "100000000"),  # over Pillow's guard, which would refuse such images anyway
     ("SEGAPP_DEFAULT_FORMAT", "bmp"),
     ("SEGAPP_LOG_LEVEL", "LOUD"),
     ("SEGAPP_ROUTE", "infer"),
