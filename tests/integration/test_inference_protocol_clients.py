@@ -206,7 +206,8 @@ def test_nginx_limits_inference_but_not_health_or_metadata_and_answers_in_the_pr
             except InferenceServerException as error:
                 statuses.append(error.status())
                 assert "too many requests" in str(error)
-            probes += [client.is_server_ready(), client.is_model_ready(MODEL), bool(client.get_model_metadata(MODEL))]
+            probes += [client.is_server_live(), client.is_server_ready(), client.is_model_ready(MODEL),
+                       bool(client.get_server_metadata()), bool(client.get_model_metadata(MODEL))]
         assert statuses == ["200", "200", "429", "429"]  # the rate's one request and the burst's one, then refused
         assert all(probes)
         image = triton.InferInput("image", list(scene_pixels.shape), "UINT8")
