@@ -22,8 +22,9 @@ RATE_LIMITED = b'{"error": {"code": "rate_limited", "message": "retry later", "r
 class FakeSegapp(BaseHTTPRequestHandler):
     """POST /infer: 200 with a body naming the format, except for these bodies:
     `BIG...`: 413; `BUSY <n> <status> [<retry-after>]`: `status` (with that Retry-After) for the first n tries;
-    `SLOW...`: answered after 0.3 s. With `gate` set, every request waits for that barrier before it is answered;
-    with `max_in_flight` set, a request beyond it is a 429 (Retry-After: 0), as nginx's limit_conn does."""
+    `DROP <n>`: the connection closed unanswered for the first n tries; `SLOW...`: answered after 0.3 s.
+    With `gate` set, every request waits for that barrier before it is answered; with `max_in_flight` set, a
+    request beyond it is a 429 (Retry-After: 0), as nginx's limit_conn does."""
 
     requests: list[dict] = []
     tries: dict[bytes, int] = {}
@@ -50,6 +51,9 @@ class FakeSegapp(BaseHTTPRequestHandler):
         finally:
             with cls.lock:  # before the answer is sent, so a client that has read it never finds its slot taken
                 cls.in_flight -= 1
+        if status is None:
+            self.close_connection = True
+            return
         self._answer(status, answer, content_type, headers)
 
     def _choose(self, body: bytes, tries: int):
@@ -68,6 +72,8 @@ class FakeSegapp(BaseHTTPRequestHandler):
             if tries <= int(count):
                 headers = {"Retry-After": retry_after[0].decode()} if retry_after else {}
                 return int(status), RATE_LIMITED, "application/json", headers
+        if body.startswith(b"DROP") and tries <= int(body.split()[1]):
+            return None, b"", "", {}  # the connection is closed with no answer, as by a proxy that lost its peer
         if body.startswith(b"SLOW"):
             time.sleep(0.3)
         return 200, b"answer:" + self.path.encode(), self.headers["Accept"], {}
@@ -227,6 +233,16 @@ def test_gateway_errors_back_off_and_a_500_is_not_retried(server_url, tmp_path, 
     assert sleeps == [0.5, 1.0]
     assert (FakeSegapp.tries[b"BUSY 2 502"], FakeSegapp.tries[b"BUSY 1 500"]) == (3, 1)
     assert summary_of(capsys.readouterr().err)["failed"] == "1"
+
+
+def test_a_lost_connection_is_asked_again(server_url, tmp_path, capsys):
+    dropped = write(tmp_path, "dropped.jpg", b"DROP 2")
+    sleeps = Sleeps()
+    calm = write(tmp_path, "calm.jpg", b"calm")
+    assert client.main([str(dropped), str(calm), "--url", server_url], sleep=sleeps) == 0
+    assert sleeps == [0.5, 1.0]
+    assert (tmp_path / "dropped.mask.png").read_bytes() == b"answer:/infer?format=png"
+    assert "2 retries (connection: 2)" in capsys.readouterr().err
 
 
 def test_a_client_asking_more_at_once_than_allowed_settles_at_the_limit(server_url, tmp_path, capsys):
