@@ -3,6 +3,7 @@
     POST {route}      image bytes (or multipart field "image") -> PNG mask, JSON or JPEG overlay
     GET  /healthz     liveness        GET /readyz   readiness (503 until the model is loaded and warm)
     GET  /v1/model    the model card  GET /metrics  Prometheus text format
+    GET  /openapi.json  the OpenAPI 3.1 description of these routes (docs/openapi.yaml)
     /v2/...           the Open Inference Protocol (KServe v2): segapp.inference_protocol lists its routes
 
 `make_app(settings, segmenter)` builds the app; `application` is what uWSGI loads (`module = segapp.wsgi:application`).
@@ -36,6 +37,7 @@ from segapp.inference import Segmentation, Segmenter
 from segapp.inference_protocol import HEADER_LENGTH, InferenceProtocol, protocol_error_body, server_metadata
 from segapp.metrics import Metrics
 from segapp.negotiation import MEDIA_TYPES, choose_format
+from segapp.openapi import description_json
 from segapp.uploads import check_media_type, discard_body, read_body, read_image
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,7 @@ class SegmentationApp:
             "/readyz": ("readyz", _READ_METHODS),
             "/v1/model": ("model", _READ_METHODS),
             "/metrics": ("metrics", _READ_METHODS),
+            "/openapi.json": ("openapi", _READ_METHODS),
             "/v2": ("v2_server", _READ_METHODS),
             "/v2/health/live": ("v2_live", _READ_METHODS),
             "/v2/health/ready": ("v2_ready", _READ_METHODS),
@@ -207,6 +210,10 @@ class SegmentationApp:
         response = Response(body=body)
         response.headers["Content-Type"] = content_type
         return response
+
+    def on_openapi(self, request: Request) -> Response:
+        """The OpenAPI 3.1 description of this API (docs/openapi.yaml) as JSON, naming this app's inference path."""
+        return Response(body=description_json(self.settings.route), content_type="application/json", charset=None)
 
     def on_v2_server(self, request: Request) -> Response:
         """Open Inference Protocol server metadata: name, version, extensions."""
