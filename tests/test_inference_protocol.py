@@ -10,12 +10,14 @@ import re
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from webtest import TestApp, TestRequest
 
 from segapp import scenes
 from segapp.config import Settings
-from segapp.inference_protocol import MAX_BATCH
+from segapp.inference_protocol import MAX_BATCH, OUTPUTS
 
 MODEL = "/v2/models/segapp-unet"
 INFER = MODEL + "/infer"
@@ -414,3 +416,41 @@ def test_unexpected_failure_is_500_in_the_protocol_shape(app_for, failing_segmen
     message = protocol_error(send(app_for(failing_segmenter), {"inputs": [tensor]}, data, 500), 500)
     assert "secret" not in message
     assert "engine exploded" in caplog.text
+
+
+# --- anything a client may send -------------------------------------------------------------------------------
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-300, 300) | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+TENSOR_FIELDS = st.fixed_dictionaries({}, optional={
+    "name": st.sampled_from(["image", "x"]) | JSON_VALUES,
+    "datatype": st.sampled_from(["UINT8", "BYTES", "FP32"]) | JSON_VALUES,
+    "shape": st.lists(st.integers(-1, 5), max_size=5) | JSON_VALUES,
+    "data": st.lists(st.integers(-1, 256), max_size=80) | JSON_VALUES,
+    "parameters": st.fixed_dictionaries({}, optional={"binary_data_size": st.integers(-1, 40) | JSON_VALUES}),
+})
+REQUESTS = st.fixed_dictionaries({}, optional={
+    "id": JSON_VALUES,
+    "inputs": st.lists(TENSOR_FIELDS, max_size=2) | JSON_VALUES,
+    "outputs": st.lists(st.fixed_dictionaries({"name": st.sampled_from(list(OUTPUTS)) | JSON_VALUES}), max_size=3)
+    | JSON_VALUES,
+    "parameters": st.fixed_dictionaries({}, optional={"binary_data_output": JSON_VALUES}),
+})
+
+
+@settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(request_body=REQUESTS, binary=st.binary(max_size=40), header_length=st.none() | st.integers(-1, 400))
+def test_any_request_is_answered_or_refused_in_the_protocol_shape_never_500(app, request_body, binary, header_length):
+    header = json.dumps(request_body).encode()
+    blank = TestRequest.blank(INFER, method="POST")
+    if header_length is not None:
+        blank.headers["Inference-Header-Content-Length"] = str(header_length)
+    blank.body = header + binary
+    blank.environ["CONTENT_TYPE"] = "application/octet-stream"
+    response = app.do_request(blank, expect_errors=True)
+    assert response.status_int in (200, 400, 413), response.body[:300]
+    if response.status_int != 200:
+        protocol_error(response, response.status_int)
