@@ -13,7 +13,7 @@ EXTRAS ?= tensorflow,serve,bench,test
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: venv nginx wrk serve test train eval bench lint clean
+.PHONY: venv nginx wrk chromium serve test train eval bench lint clean
 
 # The venv is rebuilt when the package's requirements change.
 $(BIN)/.installed-$(EXTRAS): setup.cfg pyproject.toml
@@ -37,11 +37,18 @@ nginx:
 wrk:
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq wrk >/dev/null; }
 
+# The browser test (tests/integration/test_web.py) drives Debian's Chromium headless through Debian's chromedriver,
+# the same version as the browser; nothing downloads a browser.
+chromium:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  echo "installing chromium and chromium-driver from Debian's packages"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
 # The whole stack in the foreground; uwsgi/serve prints the URL once /readyz answers. Ctrl-C stops every process.
 serve: venv nginx
 	VENV=$(VENV) exec uwsgi/serve
 
-test: venv nginx wrk
+test: venv nginx wrk chromium
 	$(BIN)/ruff check segapp tests bench
 	PATH="$$PATH:/usr/sbin:/sbin" $(BIN)/python -m pytest $(PYTEST_ARGS)
 

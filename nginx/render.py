@@ -13,6 +13,7 @@ than start an nginx that listens or limits differently from what was asked:
     # set_real_ip_from: none              <- SEGAPP_NGINX_TRUSTED_PROXIES (addresses or CIDRs, space-separated)
     uwsgi_read_timeout 60s;               <- SEGAPP_NGINX_READ_TIMEOUT (e.g. 2s; keep it above harakiri)
     client_max_body_size 10m;             <- SEGAPP_MAX_BODY_BYTES, the app's own limit
+    root /srv/segapp/web;                 -> root REPO/web; (the try-it page of this checkout)
 
 Standard library only: it runs before the virtual environment is known. Usage:
     python3 nginx/render.py --run-dir RUN --port 8080
@@ -31,6 +32,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+WEB_ROOT = HERE.parent / "web"
 SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 APP_SOCKET = "unix:/run/segapp/app.sock"
@@ -49,6 +51,7 @@ def site_substitutions(run_dir: Path, port: int, environ) -> dict[str, str]:
         "listen [::]:80;": "# (IPv6 listen dropped: loopback only)",
         APP_SOCKET: f"unix:{run_dir / 'app.sock'}",
         "access_log /var/log/nginx/segapp.access.log segapp;": "access_log access.log segapp;",
+        "root /srv/segapp/web;": f'root "{WEB_ROOT}";',
     }
     rate = environ.get("SEGAPP_NGINX_RATE")
     if rate:
