@@ -1,0 +1,95 @@
+"""Write docs/images/scene-mask-overlay.png for the README: a held-out synthetic scene as the server gets it (a JPEG),
+the mask the shipped model answers for it, and the overlay `?format=overlay` answers, side by side.
+
+The scene is the first of web/samples/ (test split of segapp.scenes, never trained on); the mask and the overlay
+come from the server's own code (Segmenter.segment, mask_to_png, overlay) with the model card's palette. Run from
+the repository root:
+    .venv/bin/python docs/images/make_pictures.py [--model segapp/models/unet.tflite] [--index 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from segapp import scenes
+from segapp.imaging import mask_to_png, overlay
+from segapp.inference import SHIPPED_MODEL, Segmenter
+
+OUT = Path(__file__).resolve().parent / "scene-mask-overlay.png"
+PANEL_HEIGHT = 300
+GAP = 8
+CAPTION = 26
+# The README's pictures stay small; a palette of 256 colours keeps a photo panel's look at a third of the bytes.
+MAX_BYTES = 200_000
+
+
+def scene_jpeg(index: int, quality: int = 85) -> bytes:
+    """Test scene `index` as the JPEG a client would send (as web/make_samples.py writes it)."""
+    pixels, _ = scenes.scene(scenes.SPLIT_SEEDS["test"], index)
+    out = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def panels(jpeg: bytes, model: Path) -> list[tuple[str, Image.Image]]:
+    """(caption, image) for the input, the mask PNG and the overlay, each at the input's size."""
+    segmenter = Segmenter(model).load()
+    palette = segmenter.card["palette"]
+    result = segmenter.segment(jpeg, full_pixels=True)
+    photo = result.image.copy()
+    with Image.open(io.BytesIO(mask_to_png(result.mask, palette))) as mask:
+        mask_rgb = mask.convert("RGB")
+    blended = overlay(result.image, result.mask, palette)
+    card = segmenter.card
+    return [
+        ("the JPEG sent to POST /infer", photo),
+        (f"the mask PNG ({card['name']} {card['version']})", mask_rgb),
+        ("?format=overlay", blended),
+    ]
+
+
+def side_by_side(items: list[tuple[str, Image.Image]]) -> Image.Image:
+    """The images scaled to one height, left to right, each with its caption under it."""
+    scaled = []
+    for caption, image in items:
+        width = round(image.width * PANEL_HEIGHT / image.height)
+        resample = Image.NEAREST if caption.startswith("the mask") else Image.BILINEAR
+        scaled.append((caption, image.resize((width, PANEL_HEIGHT), resample)))
+    total = sum(image.width for _, image in scaled) + GAP * (len(scaled) + 1)
+    sheet = Image.new("RGB", (total, PANEL_HEIGHT + CAPTION + 2 * GAP), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default(size=15)
+    left = GAP
+    for caption, image in scaled:
+        sheet.paste(image, (left, GAP))
+        draw.text((left, GAP + PANEL_HEIGHT + 6), caption, fill=(30, 35, 48), font=font)
+        left += image.width + GAP
+    return sheet
+
+
+def save_small(image: Image.Image, path: Path) -> int:
+    """Save as PNG, as a 256-colour palette image when the full-colour one is over MAX_BYTES; returns bytes."""
+    image.save(path, optimize=True)
+    if path.stat().st_size > MAX_BYTES:
+        image.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    return path.stat().st_size
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=SHIPPED_MODEL, help="the model file (.tflite or .keras)")
+    parser.add_argument("--index", type=int, default=0, help="the test scene (web/samples/scene-N.jpg)")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    size = save_small(side_by_side(panels(scene_jpeg(args.index), args.model)), args.out)
+    print(f"{args.out}: {size} bytes", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
