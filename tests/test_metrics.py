@@ -58,8 +58,8 @@ def test_metrics_show_stage_times_image_sizes_and_model(app, make_image):
     assert sample(text, "segapp_image_pixels_sum") == 40 * 25 + 400 * 300
     assert sample(text, "segapp_image_pixels_bucket", le="1e+06") == 2
     assert sample(text, "segapp_model_info", name="segapp-unet", version="1.0.0", engine="stripes") == 1
-    # The scrape itself is the one request in flight.
-    assert sample(text, "segapp_requests_in_flight") == 1
+    # The scrape does not count itself: nothing else is in flight.
+    assert sample(text, "segapp_requests_in_flight") == 0
 
 
 def test_raw_paths_and_odd_methods_never_become_labels(app):
