@@ -229,6 +229,33 @@ def test_a_sample_by_keyboard_at_phone_width(browser, stack):
     save_screenshot(browser, "web-phone.png", PHONE, phone=True)
 
 
+# A file dropped on the page, or pasted into it, as the browser hands it over: a DataTransfer holding the file.
+HAND_OVER = """
+const [url, kind, done] = arguments;
+fetch(url).then((answer) => answer.blob()).then((blob) => {
+  const files = new DataTransfer();
+  files.items.add(new File([blob], url.split("/").pop(), {type: "image/jpeg"}));
+  const event = kind === "drop" ? new DragEvent("drop", {dataTransfer: files, bubbles: true, cancelable: true})
+                                : new ClipboardEvent("paste", {clipboardData: files, bubbles: true, cancelable: true});
+  (kind === "drop" ? document.getElementById("drop") : document.body).dispatchEvent(event);
+  done(event.defaultPrevented);
+});
+"""
+
+
+@pytest.mark.parametrize("kind", ["drop", "paste"])
+def test_a_dropped_or_pasted_image_is_segmented(browser, stack, kind):
+    expected = stack.infer((SAMPLES / "scene-3.jpg").read_bytes(), "?format=json").json()
+    open_page(browser, stack, DESKTOP)
+    # Handled by the page: the browser neither opens the file nor pastes it anywhere else.
+    assert browser.execute_async_script(HAND_OVER, "samples/scene-3.jpg", kind) is True
+    wait_segmented(browser, "scene-3.jpg")
+    shares = [float(cell.get_attribute("data-fraction"))
+              for cell in browser.find_elements(By.CSS_SELECTOR, "#legend tbody td:last-child")]
+    assert shares == [expected["fractions"][name] for name in expected["classes"]]
+    assert console_errors(browser) == []
+
+
 def test_the_servers_error_messages_are_shown(browser, stack_factory, tmp_path):
     limit = 20_000
     # A small body limit, and a rate limit that a few requests in a row reach.
