@@ -129,7 +129,12 @@ def save_screenshot(driver, name: str, size: tuple[int, int], phone: bool = Fals
     path = SCREENSHOTS / name
     path.parent.mkdir(parents=True, exist_ok=True)
     with Image.open(io.BytesIO(png)) as shot:
-        shot.convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+        rgb = shot.convert("RGB")
+    # The README's pictures stay under 200 KB: fewer colours until it fits (128 keep the photos' look).
+    for colours in (128, 64, 32):
+        rgb.quantize(colors=colours, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+        if path.stat().st_size < 200_000:
+            break
     return path
 
 
