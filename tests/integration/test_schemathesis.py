@@ -3,11 +3,14 @@ mutated inputs (its examples, coverage, fuzzing and stateful phases), answers as
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema_rs
 import pytest
 
 from segapp.openapi import DESCRIPTION, load_description
@@ -26,6 +29,20 @@ SEED = 20261127
 
 def described_operations() -> int:
     return sum(len(OPERATION_METHODS & set(item)) for item in load_description()["paths"].values())
+
+
+def operations() -> list[tuple[str, str]]:
+    """(method, path template) of every described operation."""
+    return [(method.upper(), template) for template, item in load_description()["paths"].items()
+            for method in item if method in OPERATION_METHODS]
+
+
+def documented_body_schema(description: dict, template: str, method: str, status: int) -> dict:
+    """The JSON schema the description gives the body of `status` answers to `method template`."""
+    response = description["paths"][template][method.lower()]["responses"][str(status)]
+    while "$ref" in response:
+        response = description["components"]["responses"][response["$ref"].rsplit("/", 1)[1]]
+    return {**response["content"]["application/json"]["schema"], "components": description["components"]}
 
 
 def test_every_operation_answers_as_described(stack, tmp_path):
@@ -76,3 +93,30 @@ def test_trace_is_refused_by_nginx_with_the_methods_the_path_takes(stack, path, 
     assert answer.headers["Allow"] == allow
     assert answer.json()["error"]["code"] == "method_not_allowed"
     assert answer.json()["error"]["request_id"] == answer.headers["X-Request-ID"]
+
+
+# Requests nginx refuses itself, after it has chosen the route's location: the headers say a body over 10 MiB
+# (413 before a byte of it is read), or a chunked body is malformed (400).
+NGINX_REFUSALS = {
+    413: "Content-Length: 11000000\r\n\r\n",
+    400: "Transfer-Encoding: chunked\r\n\r\nzz\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("status", sorted(NGINX_REFUSALS))
+@pytest.mark.parametrize("method, template", operations())
+def test_nginx_refusals_on_every_route_are_json_as_described(stack, method, template, status):
+    description = load_description()
+    path = template.format(name="segapp-unet", version="1.0.0")
+    head = f"{method} {path} HTTP/1.1\r\nHost: segapp\r\nConnection: close\r\n{NGINX_REFUSALS[status]}"
+    with socket.create_connection(("127.0.0.1", stack.port), timeout=30) as connection:
+        connection.sendall(head.encode())
+        answer = http.client.HTTPResponse(connection, method=method)
+        answer.begin()
+        body = answer.read()
+    assert answer.status == status
+    assert answer.headers["Content-Type"] == "application/json", body[:200]
+    assert answer.headers["X-Request-ID"]
+    if method != "HEAD":
+        validator = jsonschema_rs.validator_for(documented_body_schema(description, template, method, status))
+        assert validator.is_valid(json.loads(body)), body
