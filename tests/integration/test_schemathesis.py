@@ -95,11 +95,13 @@ def test_trace_is_refused_by_nginx_with_the_methods_the_path_takes(stack, path, 
     assert answer.json()["error"]["request_id"] == answer.headers["X-Request-ID"]
 
 
-# Requests nginx refuses itself, after it has chosen the route's location: the headers say a body over 10 MiB
-# (413 before a byte of it is read), or a chunked body is malformed (400).
+# Requests nginx refuses itself, as (query, the rest of the request): a request line over 8 KiB (414, before a
+# location is chosen); after it has chosen the route's location, headers that say a body over 10 MiB (413 before a
+# byte of it is read), or a malformed chunked body (400).
 NGINX_REFUSALS = {
-    413: "Content-Length: 11000000\r\n\r\n",
-    400: "Transfer-Encoding: chunked\r\n\r\nzz\r\n\r\n",
+    414: ("?q=" + "a" * 9000, "\r\n"),
+    413: ("", "Content-Length: 11000000\r\n\r\n"),
+    400: ("", "Transfer-Encoding: chunked\r\n\r\nzz\r\n\r\n"),
 }
 
 
@@ -108,7 +110,8 @@ NGINX_REFUSALS = {
 def test_nginx_refusals_on_every_route_are_json_as_described(stack, method, template, status):
     description = load_description()
     path = template.format(name="segapp-unet", version="1.0.0")
-    head = f"{method} {path} HTTP/1.1\r\nHost: segapp\r\nConnection: close\r\n{NGINX_REFUSALS[status]}"
+    query, rest = NGINX_REFUSALS[status]
+    head = f"{method} {path}{query} HTTP/1.1\r\nHost: segapp\r\nConnection: close\r\n{rest}"
     with socket.create_connection(("127.0.0.1", stack.port), timeout=30) as connection:
         connection.sendall(head.encode())
         answer = http.client.HTTPResponse(connection, method=method)
