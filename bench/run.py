@@ -71,7 +71,7 @@ def run(args) -> dict:
         # All load comes from one address: lift nginx's per-client rate and in-flight limits, or it would answer
         # 429s and the benchmark would measure the limits instead of the stack.
         extra = {"SEGAPP_MODEL": str(args.model), "SEGAPP_NGINX_RATE": "100000r/s", "SEGAPP_NGINX_BURST": "100000",
-                 "SEGAPP_NGINX_MAX_INFLIGHT_PER_CLIENT": "100000"}
+                 "SEGAPP_NGINX_MAX_INFLIGHT_PER_CLIENT": "65535"}
         if args.listen:
             extra["SEGAPP_LISTEN"] = str(args.listen)
         with Stack(scratch / "run", processes, args.threads, extra) as stack:
