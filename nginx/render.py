@@ -4,7 +4,7 @@ nginx reads no environment variables, so uwsgi/local.ini runs this before it sta
 production site file with these literals rewritten; each must appear exactly once, or this fails loudly rather
 than start an nginx that listens or limits differently from what was asked:
 
-    listen 80;  listen [::]:80;           -> listen 127.0.0.1:PORT; (loopback only)
+    listen 80;  listen [::]:80;           -> listen ADDRESS:PORT; (SEGAPP_ADDRESS, default 127.0.0.1: loopback only)
     unix:/run/segapp/app.sock (twice)     -> unix:RUN/app.sock
     /var/log/nginx/segapp.access.log      -> access.log under the prefix
     rate=300r/s, burst=300                <- SEGAPP_NGINX_RATE (e.g. 5r/s), SEGAPP_NGINX_BURST
@@ -47,8 +47,8 @@ class RenderError(ValueError):
 def site_substitutions(run_dir: Path, port: int, environ) -> dict[str, str]:
     """The literal -> replacement pairs for segapp.conf."""
     subs = {
-        "listen 80;": f"listen 127.0.0.1:{port};",
-        "listen [::]:80;": "# (IPv6 listen dropped: loopback only)",
+        "listen 80;": f"listen {_address(environ.get('SEGAPP_ADDRESS') or '127.0.0.1')}:{port};",
+        "listen [::]:80;": "# (IPv6 listen dropped: one address, SEGAPP_ADDRESS)",
         APP_SOCKET: f"unix:{run_dir / 'app.sock'}",
         "access_log /var/log/nginx/segapp.access.log segapp;": "access_log access.log segapp;",
         "root /srv/segapp/web;": f'root "{WEB_ROOT}";',
@@ -66,9 +66,10 @@ def site_substitutions(run_dir: Path, port: int, environ) -> dict[str, str]:
         subs["max_conns=64;"] = f"max_conns={_whole(inflight, 'SEGAPP_NGINX_MAX_INFLIGHT')};"
     per_client = environ.get("SEGAPP_NGINX_MAX_INFLIGHT_PER_CLIENT")
     if per_client:
-        subs["limit_conn segapp_per_client 16;"] = (
-            f"limit_conn segapp_per_client {_whole(per_client, 'SEGAPP_NGINX_MAX_INFLIGHT_PER_CLIENT')};"
-        )
+        limit = _whole(per_client, "SEGAPP_NGINX_MAX_INFLIGHT_PER_CLIENT")
+        if limit > 65535:
+            raise RenderError(f"SEGAPP_NGINX_MAX_INFLIGHT_PER_CLIENT={per_client}: nginx takes at most 65535")
+        subs["limit_conn segapp_per_client 16;"] = f"limit_conn segapp_per_client {limit};"
     proxies = environ.get("SEGAPP_NGINX_TRUSTED_PROXIES", "").split()
     if proxies:
         subs["# set_real_ip_from: none"] = "\n    ".join(f"set_real_ip_from {_network(p)};" for p in proxies)
@@ -137,6 +138,13 @@ def _uid(user: str) -> int:
     return int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid
 
 
+def _address(raw: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(raw))
+    except ValueError:
+        raise RenderError(f"SEGAPP_ADDRESS={raw!r}: expected an IPv4 address, e.g. 127.0.0.1 or 0.0.0.0") from None
+
+
 def _network(raw: str) -> str:
     try:
         return str(ipaddress.ip_network(raw, strict=False))
@@ -165,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RenderError, OSError) as error:
         print(f"nginx/render.py: {error}", file=sys.stderr)
         return 1
-    print(f"nginx/render.py: wrote {out}/nginx.conf for 127.0.0.1:{args.port}", file=sys.stderr)
+    print(f"nginx/render.py: wrote {out}/nginx.conf for port {args.port}", file=sys.stderr)
     return 0
 
 
