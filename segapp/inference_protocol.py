@@ -281,7 +281,7 @@ def _outputs(asked, parameters) -> dict[str, bool]:
     parameters = parameters or {}
     if not isinstance(parameters, dict):
         raise bad_request("the request's parameters must be a JSON object")
-    binary_default = parameters.get("binary_data_output", False) is True
+    binary_default = _flag(parameters, "binary_data_output", "the request's") or False
     if asked is None:
         return {"mask": binary_default}
     if not isinstance(asked, list) or not asked:
@@ -294,9 +294,19 @@ def _outputs(asked, parameters) -> dict[str, bool]:
         if name in chosen:
             raise bad_request(f"output {name!r} is asked for twice")
         own = output.get("parameters") or {}
-        binary = own.get("binary_data") if isinstance(own, dict) else None
-        chosen[name] = binary_default if binary is None else binary is True
+        if not isinstance(own, dict):
+            raise bad_request(f"the parameters of output {name!r} must be a JSON object")
+        binary = _flag(own, "binary_data", f"output {name!r}'s")
+        chosen[name] = binary_default if binary is None else binary
     return chosen
+
+
+def _flag(parameters: dict, key: str, whose: str) -> bool | None:
+    """A true-or-false parameter, None when absent; 400 for any other value (a "true" string is not true)."""
+    value = parameters.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise bad_request(f"{whose} parameter {key!r} must be true or false, not {value!r}")
+    return value
 
 
 def _request_id(value) -> str | None:

@@ -311,6 +311,10 @@ def pixels_tensor(**changes) -> dict:
     ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1, 1], "data": ["AAAA"]}]}, "shape [N]"),
     ({"inputs": [pixels_tensor()], "outputs": [{"name": "logits"}]}, "unknown output 'logits'"),
     ({"inputs": [pixels_tensor()], "outputs": [{"name": "mask"}, {"name": "mask"}]}, "twice"),
+    ({"inputs": [pixels_tensor()], "outputs": [{"name": "mask", "parameters": {"binary_data": "true"}}]},
+     "'binary_data' must be true or false"),
+    ({"inputs": [pixels_tensor()], "outputs": [{"name": "mask", "parameters": [True]}]}, "must be a JSON object"),
+    ({"inputs": [pixels_tensor()], "parameters": {"binary_data_output": 1}}, "'binary_data_output' must be true"),
     ({"inputs": [pixels_tensor()], "id": 7}, "'id' must be a string"),
     ([1, 2], "JSON object"),
 ])
