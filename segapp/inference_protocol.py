@@ -278,7 +278,7 @@ class InferenceProtocol:
 
 def _outputs(asked, parameters) -> dict[str, bool]:
     """Output name -> whether it is answered in binary; "mask" alone when none is asked for."""
-    parameters = parameters or {}
+    parameters = {} if parameters is None else parameters
     if not isinstance(parameters, dict):
         raise bad_request("the request's parameters must be a JSON object")
     binary_default = _flag(parameters, "binary_data_output", "the request's") or False
@@ -293,7 +293,8 @@ def _outputs(asked, parameters) -> dict[str, bool]:
             raise bad_request(f"unknown output {name!r}; the model's outputs are {list(OUTPUTS)}")
         if name in chosen:
             raise bad_request(f"output {name!r} is asked for twice")
-        own = output.get("parameters") or {}
+        own = output.get("parameters")
+        own = {} if own is None else own
         if not isinstance(own, dict):
             raise bad_request(f"the parameters of output {name!r} must be a JSON object")
         binary = _flag(own, "binary_data", f"output {name!r}'s")
@@ -302,7 +303,7 @@ def _outputs(asked, parameters) -> dict[str, bool]:
 
 
 def _flag(parameters: dict, key: str, whose: str) -> bool | None:
-    """A true-or-false parameter, None when absent; 400 for any other value (a "true" string is not true)."""
+    """A true-or-false parameter, None when absent or null; 400 for any other value (a "true" string is not true)."""
     value = parameters.get(key)
     if value is not None and not isinstance(value, bool):
         raise bad_request(f"{whose} parameter {key!r} must be true or false, not {value!r}")

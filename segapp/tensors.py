@@ -53,7 +53,8 @@ def split_request(body: bytes, header_length: str | None):
 def tensor_data(tensor: dict, binary: bytes):
     """(the input tensor's data: its bytes in the binary section, or its JSON "data"; the binary data after it)."""
     name = tensor.get("name")
-    parameters = tensor.get("parameters") or {}
+    parameters = tensor.get("parameters")
+    parameters = {} if parameters is None else parameters
     if not isinstance(parameters, dict):
         raise bad_request(f"the parameters of input {name!r} must be a JSON object")
     size = parameters.get("binary_data_size")

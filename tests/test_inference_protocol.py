@@ -315,6 +315,9 @@ def pixels_tensor(**changes) -> dict:
      "'binary_data' must be true or false"),
     ({"inputs": [pixels_tensor()], "outputs": [{"name": "mask", "parameters": [True]}]}, "must be a JSON object"),
     ({"inputs": [pixels_tensor()], "parameters": {"binary_data_output": 1}}, "'binary_data_output' must be true"),
+    ({"inputs": [pixels_tensor()], "outputs": [{"name": "mask", "parameters": []}]}, "must be a JSON object"),
+    ({"inputs": [pixels_tensor()], "parameters": False}, "parameters must be a JSON object"),
+    ({"inputs": [pixels_tensor(parameters=[])]}, "must be a JSON object"),
     ({"inputs": [pixels_tensor()], "id": 7}, "'id' must be a string"),
     ([1, 2], "JSON object"),
 ])
