@@ -19,10 +19,12 @@ pytestmark = pytest.mark.integration
 
 ST = Path(sys.executable).with_name("st")
 OPERATION_METHODS = {"get", "head", "post", "put", "patch", "delete", "options", "trace"}
-# Cases per operation and phase. About 2,000 requests in all, 20-30 s on the 2-core development machine.
-MAX_EXAMPLES = 40
-# nginx takes 16 requests in flight from one address; more workers would meet its 429s.
-WORKERS = 2
+# Cases per operation and phase: about 2,500 requests in all, 20 s on the 2-core development machine.
+MAX_EXAMPLES = 60
+# One: Schemathesis' worker threads share the GIL with little to wait for on loopback (2 workers took twice as long),
+# and Hypothesis drawing in several threads at once met a CPython 3.11 race in ast.parse ("AST constructor recursion
+# depth mismatch", a Schemathesis error, not an answer). nginx would send 429 beyond 16 at once anyway.
+WORKERS = 1
 # A fixed seed: a failure found once is found again, and reproduced with `st run ... --seed`.
 SEED = 20261127
 
