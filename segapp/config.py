@@ -15,6 +15,8 @@ from PIL import Image
 from segapp.inference import SHIPPED_MODEL
 
 FORMATS = ("png", "json", "overlay")
+# The service's own paths (the try-it page at /, the Open Inference Protocol under /v2): SEGAPP_ROUTE cannot be one.
+RESERVED_ROUTES = ("/", "/healthz", "/readyz", "/metrics", "/v1/model", "/openapi.json", "/v2")
 # segapp.imaging keeps Pillow's process-wide guard, which refuses larger images whatever segapp's own limit says.
 PILLOW_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -55,7 +57,7 @@ class Settings:
     def __post_init__(self):
         problems = {
             "threads": self.threads < 1,
-            "route": not self.route.startswith("/") or self.route in ("/healthz", "/readyz", "/metrics", "/v1/model"),
+            "route": not self.route.startswith("/") or self.route in RESERVED_ROUTES or self.route.startswith("/v2/"),
             "max_body_bytes": self.max_body_bytes < 1,
             "max_pixels": not 1 <= self.max_pixels <= PILLOW_MAX_PIXELS,
             "default_format": self.default_format not in FORMATS,

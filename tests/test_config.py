@@ -61,6 +61,9 @@ def test_empty_variable_keeps_the_default():
     ("SEGAPP_LOG_LEVEL", "LOUD"),
     ("SEGAPP_ROUTE", "infer"),
     ("SEGAPP_ROUTE", "/healthz"),
+    ("SEGAPP_ROUTE", "/openapi.json"),
+    ("SEGAPP_ROUTE", "/v2/models/x/infer"),
+    ("SEGAPP_ROUTE", "/"),
     ("SEGAPP_ENGINE_DELAY_MS", "-5"),
 ])
 def test_invalid_value_fails_naming_the_variable(variable, value):
