@@ -1,8 +1,9 @@
 # segapp: every set-up step a fresh Debian machine needs, then the command.
 #   make serve   the whole stack (nginx -> uWSGI -> segapp) on http://127.0.0.1:8080 with the shipped model
-#   make test    the whole test suite, integration tests through real uWSGI + nginx included
+#   make test    the whole test suite: integration tests through real uWSGI + nginx, the image under Docker, a browser
 #   make train   retrain the shipped demonstration model (synthetic scenes) into segapp/models
 #   make eval    measure the shipped model on the held-out synthetic test split
+#   make image   the runtime container image (Dockerfile), segapp:<model version>; needs a running Docker daemon
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,7 +14,7 @@ EXTRAS ?= tensorflow,serve,bench,test
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: venv nginx wrk chromium serve test train eval bench lint clean
+.PHONY: venv nginx wrk chromium docker image serve test train eval bench lint clean
 
 # The venv is rebuilt when the package's requirements change.
 $(BIN)/.installed-$(EXTRAS): setup.cfg pyproject.toml
@@ -44,11 +45,25 @@ chromium:
 	  echo "installing chromium and chromium-driver from Debian's packages"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
+# Docker from Debian's packages (docker.io: the engine and its client) and debootstrap, which makes the image's base
+# from Debian's packages where Docker Hub cannot be reached. policy-rc.d as for nginx: nothing starts at install; the
+# container tests start a dockerd of their own when none runs.
+docker:
+	@PATH="$$PATH:/usr/sbin:/sbin" command -v dockerd >/dev/null && PATH="$$PATH:/usr/sbin:/sbin" command -v debootstrap >/dev/null || { \
+	  echo "installing docker.io and debootstrap from Debian's packages"; \
+	  printf '#!/bin/sh\nexit 101\n' | $(SUDO) tee /usr/sbin/policy-rc.d >/dev/null; $(SUDO) chmod +x /usr/sbin/policy-rc.d; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq docker.io debootstrap >/dev/null; \
+	  status=$$?; $(SUDO) rm -f /usr/sbin/policy-rc.d; exit $$status; }
+
+# The runtime image (Dockerfile), tagged segapp:<model version>; needs a running Docker daemon (docs/deploy.md).
+image: venv docker
+	PATH="$$PATH:/usr/sbin:/sbin" VENV=$(VENV) deploy/build-image
+
 # The whole stack in the foreground; uwsgi/serve prints the URL once /readyz answers. Ctrl-C stops every process.
 serve: venv nginx
 	VENV=$(VENV) exec uwsgi/serve
 
-test: venv nginx wrk chromium
+test: venv nginx wrk chromium docker
 	$(BIN)/ruff check segapp tests bench
 	PATH="$$PATH:/usr/sbin:/sbin" $(BIN)/python -m pytest $(PYTEST_ARGS)
 

@@ -31,6 +31,7 @@ import pytest
 from PIL import Image
 
 from bench.stack import free_port
+from tests.integration.docker_engine import DockerEngine
 
 ROOT = Path(__file__).resolve().parents[2]
 UWSGI = Path(sys.executable).with_name("uwsgi")
@@ -396,3 +397,25 @@ def run_dir():
     path = make_run_dir()
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def docker():
+    """The Docker engine (a private dockerd when none runs); every container, network and image of the tests is
+    removed after the session, and a dockerd started here is stopped."""
+    engine = DockerEngine().start()
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def image(docker) -> str:
+    """segapp's image, built by `make image`'s script for this session: its tag."""
+    tag = f"segapp-test:{os.getpid()}"
+    name, version = tag.split(":")
+    env = {**docker.env, "IMAGE": name, "TAG": version, "VENV": str(Path(sys.executable).parent.parent)}
+    built = subprocess.run([str(ROOT / "deploy" / "build-image")], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=1200)
+    assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-4000:]
+    print("\n" + built.stdout.strip().splitlines()[-1])
+    return tag

@@ -1,0 +1,239 @@
+"""segapp as replicas under a real orchestrator: deploy/compose.yaml on Docker Swarm, three replicas behind the front
+nginx, a client at concurrency 16 posting photos for the whole of each test and checking every answer, while
+replicas are killed, scaled, paused and rolled over to a new model. Each test counts requests sent, answered and
+failed, and reports p50/p99; a failure is any answer but a PNG mask of the photo's size."""
+
+from __future__ import annotations
+
+import io
+import statistics
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bench.stack import free_port
+from tests.integration.conftest import ROOT, Endpoint
+
+pytestmark = pytest.mark.integration
+
+REPLICAS = 3
+CLIENTS = 16
+READ_TIMEOUT_S = 3  # proxy_read_timeout in deploy/lb/nginx.conf
+
+
+class Swarm:
+    """One stack of deploy/compose.yaml on a single-node swarm (made here when the engine is in none)."""
+
+    def __init__(self, docker, image: str):
+        self.docker, self.image = docker, image
+        self.name = f"segapp-test-{free_port()}"
+        self.port = free_port()
+        self.endpoint = Endpoint(self.port)
+
+    @property
+    def service(self) -> str:
+        return f"{self.name}_segapp"
+
+    def deploy(self) -> None:
+        if self.docker("info", "--format", "{{.Swarm.LocalNodeState}}").stdout.strip() != "active":
+            self.docker("swarm", "init", "--advertise-addr", "127.0.0.1")
+            self.docker.swarm_joined_here = True
+        env = {**self.docker.env, "SEGAPP_IMAGE": self.image, "SEGAPP_HTTP_PORT": str(self.port)}
+        subprocess.run(["docker", "stack", "deploy", "--compose-file", str(ROOT / "deploy" / "compose.yaml"),
+                        self.name], env=env, check=True, capture_output=True, timeout=120)
+        self.wait_converged(REPLICAS)
+
+    def containers(self) -> list[str]:
+        """The running replicas' containers."""
+        return self.docker("ps", "--quiet", "--filter", f"label=com.docker.swarm.service.name={self.service}",
+                           "--filter", "status=running").stdout.split()
+
+    def wait_converged(self, replicas: int, timeout: float = 180) -> None:
+        """Until `replicas` replicas run, healthy, and the balancer answers /readyz through them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            healthy = [c for c in self.containers()
+                       if self.docker.json("inspect", c)[0]["State"].get("Health", {}).get("Status") == "healthy"]
+            tasks = self.docker("service", "ps", self.service, "--filter", "desired-state=running",
+                                "--format", "{{.CurrentState}}").stdout.splitlines()
+            if len(healthy) == replicas == len(tasks) and all(t.startswith("Running") for t in tasks):
+                try:
+                    if self.endpoint.request("GET", "/readyz", timeout=5).status == 200:
+                        return
+                except OSError:
+                    pass
+            assert time.monotonic() < deadline, f"{len(healthy)} of {replicas} replicas healthy: {tasks}"
+            time.sleep(0.5)
+
+    def model_versions(self) -> list[str]:
+        """Each running replica's /v1/model version, asked inside the replica."""
+        ask = ("import json, urllib.request; "
+               "print(json.load(urllib.request.urlopen('http://127.0.0.1:8080/v1/model', timeout=5))['version'])")
+        return [self.docker("exec", c, "/opt/segapp/venv/bin/python", "-c", ask).stdout.strip()
+                for c in self.containers()]
+
+    def remove(self) -> None:
+        self.docker("stack", "rm", self.name, check=False)
+        deadline = time.monotonic() + 120
+        namespace = f"label=com.docker.stack.namespace={self.name}"
+        while self.docker("ps", "--all", "--quiet", "--filter", namespace).stdout.strip() or \
+                self.docker("network", "ls", "--quiet", "--filter", namespace).stdout.strip():
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+
+
+class Load:
+    """CLIENTS threads POSTing photos to the balancer without pause; every answer checked."""
+
+    def __init__(self, endpoint: Endpoint, photos: list[tuple[bytes, tuple[int, int]]]):
+        self.endpoint, self.photos = endpoint, photos
+        self.seconds: list[float] = []
+        self.failures: list[str] = []
+        self.sent = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(CLIENTS)]
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        self.wait_for(3 * CLIENTS)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+
+    def _client(self, index: int) -> None:
+        turn = index
+        while not self._stop.is_set():
+            photo, size = self.photos[turn % len(self.photos)]
+            turn += 1
+            with self._lock:
+                self.sent += 1
+            started = time.perf_counter()
+            try:
+                answer = self.endpoint.request("POST", "/infer", photo, {"Content-Type": "image/jpeg"}, timeout=60)
+                ok = answer.status == 200 and Image.open(io.BytesIO(answer.body)).size == size
+                failure = None if ok else f"{answer.status}: {answer.body[:160]!r}"
+            except OSError as error:
+                failure = f"{type(error).__name__}: {error}"
+            with self._lock:
+                self.seconds.append(time.perf_counter() - started)
+                if failure:
+                    self.failures.append(failure)
+
+    def answered(self) -> int:
+        with self._lock:
+            return len(self.seconds) - len(self.failures)
+
+    def wait_for(self, more: int, timeout: float = 120) -> None:
+        target = self.answered() + more
+        deadline = time.monotonic() + timeout
+        while self.answered() < target:
+            assert time.monotonic() < deadline, f"the load stalled: {self.failures[-3:]}"
+            time.sleep(0.1)
+
+    def report(self, name: str, record_property) -> str:
+        p50 = statistics.median(self.seconds) * 1000
+        p99 = statistics.quantiles(self.seconds, n=100)[98] * 1000
+        line = (f"{name}: {self.sent} sent, {len(self.seconds) - len(self.failures)} answered, "
+                f"{len(self.failures)} failed, p50 {p50:.0f} ms, p99 {p99:.0f} ms")
+        record_property(name, line)
+        print("\n" + line)
+        return line
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[tuple[bytes, tuple[int, int]]]:
+    """Photo-like JPEGs of two sizes."""
+    rng = np.random.default_rng(8)
+    made = []
+    for width, height in ((640, 480), (500, 375)):
+        ys, xs = np.mgrid[0:height, 0:width]
+        pixels = np.stack([xs * 255 // width, ys * 255 // height, (xs * ys) % 256], axis=-1)
+        pixels = np.clip(pixels + rng.integers(-25, 25, pixels.shape), 0, 255).astype(np.uint8)
+        out = io.BytesIO()
+        Image.fromarray(pixels, "RGB").save(out, format="JPEG", quality=85)
+        made.append((out.getvalue(), (width, height)))
+    return made
+
+
+@pytest.fixture(scope="module")
+def swarm(docker, image):
+    deployed = Swarm(docker, image)
+    try:
+        deployed.deploy()
+        yield deployed
+    finally:
+        deployed.remove()
+
+
+def test_a_killed_replica_costs_no_request_and_is_replaced(swarm, photos, record_property):
+    with Load(swarm.endpoint, photos) as load:
+        victim = swarm.containers()[0]
+        swarm.docker("kill", victim)
+        load.wait_for(CLIENTS)
+        swarm.wait_converged(REPLICAS)
+        replacement = sorted(set(swarm.containers()) - {victim})[-1]
+        load.wait_for(4 * CLIENTS)
+    load.report("docker kill", record_property)
+    assert victim not in swarm.containers()
+    logs = swarm.docker("logs", replacement)
+    served = (logs.stdout + logs.stderr).count("POST /infer 200")
+    assert served > 0, "the replacement replica serves"
+    assert load.failures == []
+
+
+def test_scaling_down_and_up_costs_no_request(swarm, photos, record_property):
+    with Load(swarm.endpoint, photos) as load:
+        swarm.docker("service", "scale", "--detach", f"{swarm.service}=1")
+        swarm.wait_converged(1)
+        load.wait_for(2 * CLIENTS)
+        swarm.docker("service", "scale", "--detach", f"{swarm.service}={REPLICAS}")
+        swarm.wait_converged(REPLICAS)
+        load.wait_for(2 * CLIENTS)
+    load.report("scale 3 -> 1 -> 3", record_property)
+    assert load.failures == []
+
+
+def test_a_paused_replica_delays_a_request_by_the_timeout_at_most(swarm, photos, record_property):
+    with Load(swarm.endpoint, photos) as load:
+        hung = swarm.containers()[0]
+        swarm.docker("pause", hung)
+        try:
+            paused_at = time.monotonic()
+            load.wait_for(4 * CLIENTS)
+            while time.monotonic() - paused_at < 3 * READ_TIMEOUT_S:
+                time.sleep(0.2)
+        finally:
+            swarm.docker("unpause", hung)
+        load.wait_for(CLIENTS)
+    line = load.report("docker pause", record_property)
+    print(f"  (the balancer's proxy_read_timeout is {READ_TIMEOUT_S} s: a request that met the paused replica "
+          f"went to another after it) {line}")
+    assert load.failures == []
+
+
+def test_a_rolling_update_to_a_new_model_costs_no_request(swarm, photos, record_property):
+    new_image = swarm.image.replace(":", ":rolled-")
+    # The same image with the model card's version changed: a new model version, as a release would ship it.
+    change_version = ("import json, segapp.inference as i; p = i.card_path(i.SHIPPED_MODEL); "
+                      "c = json.loads(p.read_text()); c['version'] = '2.0.0-test'; p.write_text(json.dumps(c))")
+    dockerfile = (f"FROM {swarm.image}\nUSER root\n"
+                  f"RUN [\"/opt/segapp/venv/bin/python\", \"-c\", \"{change_version}\"]\nUSER 10001:65534\n")
+    swarm.docker("build", "--quiet", "--tag", new_image, "-", input=dockerfile)
+    with Load(swarm.endpoint, photos) as load:
+        swarm.docker("service", "update", "--detach=false", "--quiet", "--image", new_image, swarm.service,
+                     timeout=600)
+        swarm.wait_converged(REPLICAS)
+        load.wait_for(2 * CLIENTS)
+    load.report("rolling update", record_property)
+    assert swarm.model_versions() == ["2.0.0-test"] * REPLICAS
+    assert load.failures == []
