@@ -14,7 +14,7 @@ EXTRAS ?= tensorflow,serve,bench,test
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: venv nginx wrk chromium docker image serve test train eval bench lint clean
+.PHONY: venv nginx wrk chromium docker kubectl image serve test train eval bench lint clean
 
 # The venv is rebuilt when the package's requirements change.
 $(BIN)/.installed-$(EXTRAS): setup.cfg pyproject.toml
@@ -55,6 +55,13 @@ docker:
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq docker.io debootstrap >/dev/null; \
 	  status=$$?; $(SUDO) rm -f /usr/sbin/policy-rc.d; exit $$status; }
 
+# kubectl from Debian's packages (kubernetes-client 1.20), for `kubectl kustomize`: the tests render deploy/kubernetes
+# with it, offline (no cluster). A kubectl already installed does as well (any since 1.14).
+kubectl:
+	@command -v kubectl >/dev/null || { \
+	  echo "installing kubernetes-client (kubectl) from Debian's packages"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq kubernetes-client >/dev/null; }
+
 # The runtime image (Dockerfile), tagged segapp:<model version>; needs a running Docker daemon (docs/deploy.md).
 image: venv docker
 	PATH="$$PATH:/usr/sbin:/sbin" VENV=$(VENV) deploy/build-image
@@ -63,7 +70,7 @@ image: venv docker
 serve: venv nginx
 	VENV=$(VENV) exec uwsgi/serve
 
-test: venv nginx wrk chromium docker
+test: venv nginx wrk chromium docker kubectl
 	$(BIN)/ruff check segapp tests bench
 	PATH="$$PATH:/usr/sbin:/sbin" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
