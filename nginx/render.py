@@ -5,10 +5,10 @@ production site file with these literals rewritten; each must appear exactly onc
 than start an nginx that listens or limits differently from what was asked:
 
     listen 80;  listen [::]:80;           -> listen ADDRESS:PORT; (SEGAPP_ADDRESS, default 127.0.0.1: loopback only)
-    unix:/run/segapp/app.sock (twice)     -> unix:RUN/app.sock
+    unix:/run/segapp/app.sock (3 times)   -> unix:RUN/app.sock
     /var/log/nginx/segapp.access.log      -> access.log under the prefix
     rate=300r/s, burst=300                <- SEGAPP_NGINX_RATE (e.g. 5r/s), SEGAPP_NGINX_BURST
-    max_conns=64;                         <- SEGAPP_NGINX_MAX_INFLIGHT (requests at the workers, all clients)
+    max_conns=32 (twice)                  <- SEGAPP_NGINX_MAX_INFLIGHT (requests at the workers, all clients), halved
     limit_conn segapp_per_client 16;      <- SEGAPP_NGINX_MAX_INFLIGHT_PER_CLIENT (requests in flight, one address)
     # set_real_ip_from: none              <- SEGAPP_NGINX_TRUSTED_PROXIES (addresses or CIDRs, space-separated)
     uwsgi_read_timeout 60s;               <- SEGAPP_NGINX_READ_TIMEOUT (e.g. 2s; keep it above harakiri)
@@ -37,7 +37,7 @@ SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 APP_SOCKET = "unix:/run/segapp/app.sock"
 # Literals that occur more than once in segapp.conf; every other literal occurs exactly once.
-OCCURRENCES = {APP_SOCKET: 2}
+OCCURRENCES = {APP_SOCKET: 3}
 
 
 class RenderError(ValueError):
@@ -63,7 +63,11 @@ def site_substitutions(run_dir: Path, port: int, environ) -> dict[str, str]:
         subs["burst=300"] = f"burst={_whole(burst, 'SEGAPP_NGINX_BURST')}"
     inflight = environ.get("SEGAPP_NGINX_MAX_INFLIGHT")
     if inflight:
-        subs["max_conns=64;"] = f"max_conns={_whole(inflight, 'SEGAPP_NGINX_MAX_INFLIGHT')};"
+        bound = _whole(inflight, "SEGAPP_NGINX_MAX_INFLIGHT")
+        if bound < 2:
+            raise RenderError(f"SEGAPP_NGINX_MAX_INFLIGHT={inflight}: at least 2 (the socket's two entries share it)")
+        subs["max_conns=32 max_fails=0;"] = f"max_conns={bound - bound // 2} max_fails=0;"
+        subs["max_fails=0 max_conns=32;"] = f"max_fails=0 max_conns={bound // 2};"
     per_client = environ.get("SEGAPP_NGINX_MAX_INFLIGHT_PER_CLIENT")
     if per_client:
         limit = _whole(per_client, "SEGAPP_NGINX_MAX_INFLIGHT_PER_CLIENT")

@@ -69,24 +69,28 @@ class RequestStream:
 
 
 def test_killed_worker_is_replaced_and_the_stream_goes_on(stack_factory, jpeg, record_property):
-    stack = stack_factory()
+    # Each image takes 300 ms in the engine, so the worker is killed in the middle of one.
+    stack = stack_factory(SEGAPP_ENGINE_DELAY_MS="300")
     with RequestStream(stack, jpeg) as stream:
-        stream.wait_for(20)
-        victim = stack.worker_pids()[0]
+        stream.wait_for(6)
+        deadline = time.monotonic() + 30
+        while not (busy := [w["pid"] for w in stack.stats()["workers"] if w["status"] == "busy"]):
+            assert time.monotonic() < deadline, "no worker was ever busy"
+            time.sleep(0.02)
+        victim = busy[0]
         os.kill(victim, signal.SIGKILL)
         killed_at = stream.count()
-        stream.wait_for(40)
+        stream.wait_for(12)
     deadline = time.monotonic() + 60
     while len(set(stack.worker_pids()) - {victim}) < 2:
         assert time.monotonic() < deadline, "the master did not replace the killed worker"
         time.sleep(0.2)
     record_property("failed_requests", len(stream.failures))
     print(f"\nworker kill: {len(stream.failures)} failed of {len(stream.outcomes)} requests: {stream.failures}")
-    assert stream.outcomes[killed_at:].count("200") >= 35, "the stream went on after the kill"
-    # A worker takes one request at a time: the one it held when it died may fail (nginx answers 502, since a POST
-    # is not retried); no other may.
-    assert len(stream.failures) <= 1, stream.failures
-    assert all(failure.startswith("502: ") and "backend_unavailable" in failure for failure in stream.failures)
+    assert stream.outcomes[killed_at:].count("200") >= 10, "the stream went on after the kill"
+    # The request the worker held when it died is sent to the other worker by nginx: no client sees the kill.
+    assert "upstream prematurely closed connection" in stack.log(), "the kill cut a request short"
+    assert stream.failures == []
 
 
 def test_chain_reload_swaps_the_model_without_a_failed_request(stack_factory, jpeg):
