@@ -16,17 +16,13 @@ import http.client
 import io
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from bench.stack import free_port
+from bench.stack import Stack
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = (7300, 5440)  # 39.7 megapixels, under the default SEGAPP_MAX_PIXELS of 40 million
@@ -57,15 +53,6 @@ def post(port: int, body: bytes, query: str) -> tuple[int, int, float]:
     return response.status, len(answer), time.perf_counter() - started
 
 
-def worker_pid(run_dir: Path) -> int:
-    with socket.socket(socket.AF_UNIX) as client:
-        client.connect(str(run_dir / "stats.sock"))
-        chunks = []
-        while chunk := client.recv(65536):
-            chunks.append(chunk)
-    return json.loads(b"".join(chunks))["workers"][0]["pid"]
-
-
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -75,43 +62,21 @@ def peak_rss_mb(pid: int) -> float:
 
 def measure(tree: Path, body: bytes, repeat: int) -> dict:
     """Start `tree`'s stack with one worker, warm it up, send the overlay `repeat` times; the figures."""
-    run_dir = Path(tempfile.mkdtemp(prefix="segapp-overlay-"))
-    port = free_port()
-    env = {**os.environ, "SEGAPP_RUN_DIR": str(run_dir), "SEGAPP_PORT": str(port), "SEGAPP_PROCESSES": "1",
-           "SEGAPP_THREADS": "1", "SEGAPP_NGINX_RATE": "10000r/s", "SEGAPP_NGINX_BURST": "10000",
-           "PATH": os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])}
-    uwsgi = Path(sys.executable).with_name("uwsgi")
-    with open(run_dir / "stack.log", "wb") as log:
-        process = subprocess.Popen([str(uwsgi), "--ini", str(tree / "uwsgi" / "local.ini")], cwd=tree, env=env,
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if post(port, small_png(), "")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError(f"{tree}: the stack did not answer; see {run_dir / 'stack.log'}")
-            time.sleep(0.2)
-        pid = worker_pid(run_dir)
+    env = {"SEGAPP_PROCESSES": "1", "SEGAPP_THREADS": "1", "SEGAPP_NGINX_RATE": "10000r/s",
+           "SEGAPP_NGINX_BURST": "10000"}
+    with tempfile.TemporaryDirectory(prefix="segapp-overlay-") as run_dir, \
+            Stack.start(Path(run_dir), env, root=tree) as stack:
+        post(stack.port, small_png(), "")  # warm-up
+        pid = stack.worker_pids()[0]
         figures = {"tree": str(tree), "worker_peak_mb_after_warmup": round(peak_rss_mb(pid))}
         runs = []
         for _ in range(repeat):
-            status, size, seconds = post(port, body, "?format=overlay")
+            status, size, seconds = post(stack.port, body, "?format=overlay")
             runs.append({"status": status, "jpeg_bytes": size, "seconds": round(seconds, 2),
                          "worker_peak_mb": round(peak_rss_mb(pid))})
         figures["overlays"] = runs
-        figures["worker_pid_unchanged"] = worker_pid(run_dir) == pid
+        figures["worker_pid_unchanged"] = stack.worker_pids()[0] == pid
         return figures
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 def main(argv: list[str] | None = None) -> None:

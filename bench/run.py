@@ -74,7 +74,8 @@ def run(args) -> dict:
                  "SEGAPP_NGINX_MAX_INFLIGHT_PER_CLIENT": "65535"}
         if args.listen:
             extra["SEGAPP_LISTEN"] = str(args.listen)
-        with Stack(scratch / "run", processes, args.threads, extra) as stack:
+        extra.update({"SEGAPP_PROCESSES": str(processes), "SEGAPP_THREADS": str(args.threads)})
+        with Stack.start(scratch / "run", extra) as stack:
             result["ready_s"] = round(stack.ready_s, 3)
             print(f"stack ready in {stack.ready_s:.2f} s at {stack.url}", flush=True)
             result["images"] = {}

@@ -149,7 +149,8 @@ def main(argv=None) -> dict:
     image = small_jpeg()
     env = {"SEGAPP_MAX_REQUESTS": str(args.max_requests), "SEGAPP_NGINX_RATE": "100000r/s",
            "SEGAPP_NGINX_BURST": "100000"}
-    with tempfile.TemporaryDirectory(prefix="segapp-soak-") as run_dir, Stack(Path(run_dir), 2, 1, env) as stack:
+    env.update({"SEGAPP_PROCESSES": "2", "SEGAPP_THREADS": "1"})
+    with tempfile.TemporaryDirectory(prefix="segapp-soak-") as run_dir, Stack.start(Path(run_dir), env) as stack:
         for _ in range(200):  # warm-up: every worker has written its files
             post(stack.port, image)
         start = folder_state(stack, args.scrapes)

@@ -1,5 +1,7 @@
-"""The real stack under test: `uwsgi --ini uwsgi/local.ini` (uWSGI master, workers, nginx as its attached daemon) on
-a free loopback port with a temporary run folder, exactly as `make serve` runs it.
+"""The real stack under test, started by the one harness (bench/stack.py: `uwsgi --ini uwsgi/local.ini`, uWSGI
+master, workers, nginx as its attached daemon, exactly as `make serve` runs it) on a free loopback port with a
+temporary run folder. This file adds only what tests need on top: their defaults, the user the workers drop to
+when the tests run as root, and fixtures.
 
 `start_stack(**env)` starts one, waits for /readyz through nginx and returns a `Stack`; `Stack.stop()` sends SIGTERM
 and asserts that every process it started (master, workers, nginx master and workers) is gone. Variants (a low rate
@@ -10,11 +12,8 @@ nginx/render.py understand.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import functools
-import http.client
 import io
-import json
 import os
 import shutil
 import signal
@@ -23,184 +22,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from bench.stack import free_port
+from bench.stack import ROOT, SBIN_PATH, UWSGI, Endpoint, Stack, alive, descendants, free_port, wait_gone
 from tests.integration.docker_engine import DockerEngine
 
-ROOT = Path(__file__).resolve().parents[2]
-UWSGI = Path(sys.executable).with_name("uwsgi")
-SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 NGINX = shutil.which("nginx", path=SBIN_PATH)
-# A loaded two-core machine loads two LiteRT workers in a few seconds; allow far more.
-READY_TIMEOUT_S = 120
-STOP_TIMEOUT_S = 60
-
-
-@dataclass
-class Answer:
-    status: int
-    headers: http.client.HTTPMessage
-    body: bytes
-
-    def json(self):
-        return json.loads(self.body)
-
-
-@dataclass
-class Endpoint:
-    """nginx on a loopback port."""
-
-    port: int
-
-    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
-                timeout: float = 60, source: str = "127.0.0.1") -> Answer:
-        """One HTTP request through nginx, on a connection of its own from loopback address `source`."""
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout, source_address=(source, 0))
-        try:
-            connection.request(method, path, body=body, headers=headers or {})
-            response = connection.getresponse()
-            return Answer(response.status, response.headers, response.read())
-        finally:
-            connection.close()
-
-    def raw(self, data: bytes, timeout: float = 30) -> Answer:
-        """Send `data` as it is (no HTTP client would send it) and read the one answer nginx gives."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as connection:
-            connection.sendall(data)
-            response = http.client.HTTPResponse(connection)
-            response.begin()
-            return Answer(response.status, response.headers, response.read())
-
-
-@dataclass
-class Stack(Endpoint):
-    """A running stack: its port, run folder, log and master process."""
-
-    run_dir: Path
-    process: subprocess.Popen
-    log_path: Path
-    env: dict = field(repr=False)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def infer(self, image: bytes, query: str = "", headers: dict | None = None, timeout: float = 60,
-              source: str = "127.0.0.1") -> Answer:
-        return self.request("POST", "/infer" + query, image, {"Content-Type": "image/jpeg", **(headers or {})},
-                            timeout=timeout, source=source)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stats(self) -> dict:
-        """The uWSGI stats socket's JSON."""
-        with socket.socket(socket.AF_UNIX) as client:
-            client.settimeout(10)
-            client.connect(str(self.run_dir / "stats.sock"))
-            chunks = []
-            while chunk := client.recv(65536):
-                chunks.append(chunk)
-        return json.loads(b"".join(chunks))
-
-    def worker_pids(self) -> list[int]:
-        return [worker["pid"] for worker in self.stats()["workers"] if worker["pid"]]
-
-    def processes(self) -> set[int]:
-        """The master and every process below it: workers, nginx's master and its workers."""
-        return {self.process.pid} | descendants(self.process.pid)
-
-    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"uWSGI exited with {self.process.returncode} before ready:\n{self.log()[-4000:]}")
-            try:
-                # Every worker has loaded the app: a SIGTERM during a worker's app load is lost (uWSGI 2.0.31).
-                if self.request("GET", "/readyz", timeout=5).status == 200 and all(
-                    worker["apps"] for worker in self.stats()["workers"]
-                ):
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"/readyz did not answer 200 within {timeout} s:\n{self.log()[-4000:]}")
-
-    def wait_apps_loaded(self, timeout: float) -> None:
-        """Until every worker has loaded the app (or `timeout`): uWSGI 2.0.31 loses a SIGTERM that arrives while a
-        worker is still loading, and its master then waits for ever; see docs/operations.md."""
-        deadline = time.monotonic() + timeout
-        while self.process.poll() is None and time.monotonic() < deadline:
-            try:
-                if all(worker["apps"] for worker in self.stats()["workers"]):
-                    return
-            except (OSError, ValueError):
-                return
-            time.sleep(0.2)
-
-    def stop(self, timeout: float = STOP_TIMEOUT_S) -> float:
-        """SIGTERM to the master; asserts every process of the stack is gone within `timeout` s; returns seconds."""
-        started = time.monotonic()
-        self.wait_apps_loaded(timeout)
-        pids = self.processes()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=timeout)
-            left = wait_gone(pids, max(1.0, timeout - (time.monotonic() - started)))
-        except subprocess.TimeoutExpired:
-            left = alive(pids)
-        if left:
-            for pid in left:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            raise AssertionError(f"processes {sorted(left)} outlived the stack by {timeout} s:\n{self.log()[-3000:]}")
-        return time.monotonic() - started
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process whose parent chain leads to `pid`."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def alive(pids: set[int]) -> set[int]:
-    """The pids of `pids` that still run (zombies count as gone)."""
-    running = set()
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            running.add(pid)
-    return running
-
-
-def wait_gone(pids: set[int], timeout: float) -> set[int]:
-    deadline = time.monotonic() + timeout
-    while (left := alive(pids)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return left
-
 
 
 def run_user() -> tuple[str | None, str]:
@@ -249,17 +80,11 @@ def make_run_dir() -> Path:
 
 
 def start_stack(run_dir: Path | None = None, command: list[str] | None = None, **env: str) -> Stack:
-    """Start uwsgi --ini uwsgi/local.ini (or `command`, e.g. uwsgi/serve) with SEGAPP_* `env` on a free port;
-    returns once /readyz answers 200."""
+    """Start uwsgi --ini uwsgi/local.ini (or `command`, e.g. uwsgi/serve) with the tests' defaults and SEGAPP_*
+    `env` on a free port; returns once /readyz answers 200."""
     if NGINX is None:
         pytest.fail("nginx is not installed: run `make nginx`")
-    run_dir = run_dir or make_run_dir()
-    port = free_port()
-    full_env = {
-        **os.environ,
-        "PATH": SBIN_PATH,
-        "SEGAPP_RUN_DIR": str(run_dir),
-        "SEGAPP_PORT": str(port),
+    defaults = {
         "SEGAPP_PROCESSES": "2",
         # The shared default stack serves hundreds of requests from one address; the rate-limit test sets its own.
         "SEGAPP_NGINX_RATE": "10000r/s",
@@ -268,22 +93,8 @@ def start_stack(run_dir: Path | None = None, command: list[str] | None = None, *
         # that arrives while a recycled worker loads the app, and the stop would wait for ever. The metrics test
         # sets its own.
         "SEGAPP_MAX_REQUESTS": "1000000",
-        **drop_env(),
-        **env,
     }
-    log_path = run_dir / "stack.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            command or [str(UWSGI), "--ini", str(ROOT / "uwsgi" / "local.ini")],
-            cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    stack = Stack(port, run_dir, process, log_path, full_env)
-    try:
-        stack.wait_ready()
-    except BaseException:
-        stack.stop()
-        raise
-    return stack
+    return Stack.start(run_dir or make_run_dir(), {**defaults, **drop_env(), **env}, command=command)
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from PIL import Image
 
-from bench.stack import free_port
+from bench.stack import Endpoint, free_port
 from segapp.inference import SHIPPED_MODEL, read_card
-from tests.integration.conftest import Endpoint
 
 pytestmark = pytest.mark.integration
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.stack import READY_TIMEOUT_S, ROOT, STOP_TIMEOUT_S, wait_gone
 from segapp.inference import SHIPPED_MODEL, card_path
-from tests.integration.conftest import READY_TIMEOUT_S, ROOT, STOP_TIMEOUT_S, start_stack, wait_gone
+from tests.integration.conftest import start_stack
 
 pytestmark = pytest.mark.integration
 

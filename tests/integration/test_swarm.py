@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench.stack import free_port
-from tests.integration.conftest import ROOT, Endpoint
+from bench.stack import ROOT, Endpoint, free_port
 
 pytestmark = pytest.mark.integration
 
