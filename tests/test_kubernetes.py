@@ -1,6 +1,7 @@
 """deploy/kubernetes, offline: kubectl renders every kustomization, each object is valid for named Kubernetes
 versions (their OpenAPI schemas, shipped by kubernetes-validate, strict: no unknown field passes), and the objects
-fit each other, the image and uwsgi/segapp.ini. tests/integration/test_kubernetes.py runs the image as they say."""
+fit each other, the image and uwsgi/segapp.ini. tests/integration/test_kubernetes_under_docker.py runs the image
+as they say."""
 
 from __future__ import annotations
 
