@@ -107,4 +107,4 @@ def test_docker_stop_lets_requests_in_flight_finish_then_everything_exits(docker
     state = docker.json("inspect", container)[0]["State"]
     assert statuses == [200, 200]
     # 0: the stack stopped by itself within the 30 s; Docker's SIGKILL would have made it 137.
-    assert (state["Running"], state["ExitCode"]) == (False, 0), state
+    assert (state["Running"], state["ExitCode"]) == (False, 0), docker("logs", container).stderr[-3000:]
