@@ -1,7 +1,8 @@
-"""Segmentation quality: per-class IoU, mean IoU and pixel accuracy from a confusion matrix."""
+"""Segmentation quality: per-class IoU, mean IoU and pixel accuracy from a confusion matrix; engine time."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -61,3 +62,20 @@ def format_table(result: dict) -> str:
     if "images" in result:
         lines.append(f"{'images':<12} {result['images']:>7}")
     return "\n".join(lines)
+
+
+def engine_milliseconds(predicts: dict, batches: Sequence[np.ndarray], rounds: int = 3) -> dict:
+    """Median milliseconds of one `predict(batch)` call for each named predict function.
+
+    The functions take turns on each batch, so a busy spell on a shared machine slows all of them alike.
+    """
+    times: dict = {name: [] for name in predicts}
+    for predict in predicts.values():
+        predict(batches[0])  # the first call allocates
+    for _ in range(rounds):
+        for batch in batches:
+            for name, predict in predicts.items():
+                started = time.perf_counter()
+                predict(batch)
+                times[name].append(time.perf_counter() - started)
+    return {name: round(float(np.median(values)) * 1000, 3) for name, values in times.items()}

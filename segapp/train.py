@@ -4,8 +4,13 @@
     segapp-train --data ~/datasets/oxford-iiit-pet --epochs 40 --width half --out models/pets
     segapp-eval --model segapp/models/unet.tflite --data synthetic
 
+    segapp-train --int8-only --out segapp/models
+
 segapp-train writes DIR/unet.keras (no optimizer state), DIR/unet.tflite (LiteRT) and DIR/unet.json (the card,
-with the quality measured in inference mode on the held-out test split, through the same Segmenter the server uses).
+with the quality measured in inference mode on the held-out test split, through the same Segmenter the server uses),
+and beside them DIR/unet-int8.tflite, the same network quantized to int8 after training, with its own card
+DIR/unet-int8.json; both cards record both models' quality, engine time and how often their masks agree.
+`--int8-only` quantizes an already trained DIR/unet.keras without training.
 Train, val and test never share an image (`datasets.folder_samples`); segapp-eval scores the same test split, by
 the classes the model's card names.
 """
@@ -22,10 +27,14 @@ from pathlib import Path
 import numpy as np
 
 from segapp import datasets, evaluation, unet
-from segapp.imaging import CLASS_NAMES, PALETTE
-from segapp.inference import Segmenter
+from segapp.imaging import CLASS_NAMES, PALETTE, resize_pixels
+from segapp.inference import Segmenter, card_path, read_card
 
 MODEL_NAME = "segapp-unet"
+FLOAT_FILE = "unet.tflite"
+INT8_FILE = "unet-int8.tflite"
+# Timed engine calls per model: the first test scenes at the input size, each run `rounds` times.
+TIMED_SCENES = 50
 
 
 def load_split(data: str, split: str, count: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -137,17 +146,61 @@ def train(args) -> dict:
             "seconds": round(seconds, 1),
             "best_val_miou_128px": round(best_val, 4),
         },
-        "files": {name: (out / name).stat().st_size for name in ("unet.keras", "unet.tflite")},
+        "files": {name: (out / name).stat().st_size for name in ("unet.keras", FLOAT_FILE)},
         "width_trade_off": unet.width_trade_off(),
     }
-    (out / "unet.json").write_text(json.dumps(card, indent=2) + "\n")
-    if args.test_count:
+    _write_card(out / FLOAT_FILE, card)
+    if args.int8_scenes:
+        add_int8(out, args)
+        card = read_card(out / FLOAT_FILE)
+    elif args.test_count:
         print(f"evaluating on {args.test_count} held-out test images at their own resolution", flush=True)
-        card["quality"] = measure(out / "unet.tflite", args.data, args.test_count)
-        (out / "unet.json").write_text(json.dumps(card, indent=2) + "\n")
+        card["quality"] = measure(out / FLOAT_FILE, args.data, args.test_count)
+        _write_card(out / FLOAT_FILE, card)
         print(evaluation.format_table(card["quality"]))
-    print(f"wrote {out}/unet.keras, unet.tflite, unet.json in {seconds:.0f} s of training", flush=True)
+    written = "unet.keras, unet.tflite, unet.json" + (", unet-int8.tflite, unet-int8.json" if args.int8_scenes else "")
+    print(f"wrote {written} to {out} after {seconds:.0f} s of training", flush=True)
     return card
+
+
+def add_int8(out: Path, args) -> dict:
+    """Quantize DIR/unet.keras to DIR/unet-int8.tflite with `args.int8_scenes` training images as the
+    representative set, write its card, and record both models' quality, engine time and agreement on
+    `args.test_count` test images in both cards; returns the int8 card."""
+    float_card = read_card(out / FLOAT_FILE)
+    print(f"quantizing to int8 with {args.int8_scenes} training images as the representative set", flush=True)
+    calibration, _ = load_split(args.data, "train", args.int8_scenes, unet.INPUT_SIZE)
+    export_int8(out / "unet.keras", out / INT8_FILE, calibration)
+    int8_card = {
+        **float_card,
+        "description": float_card.get("description", "") + "; quantized to int8 after training",
+        "quantization": {
+            "method": "full-integer post-training quantization (TFLiteConverter), int8 weights and activations",
+            "input": "int8",
+            "output": "int8",
+            "representative_data": f"{args.data} train split",
+            "representative_images": int(len(calibration)),
+            "from": FLOAT_FILE,
+        },
+        "files": {**float_card.get("files", {}), INT8_FILE: (out / INT8_FILE).stat().st_size},
+    }
+    float_card["files"] = int8_card["files"]
+    if args.test_count:
+        print(f"evaluating both models on {args.test_count} held-out test images at their own resolution", flush=True)
+        comparison = compare(out / FLOAT_FILE, out / INT8_FILE, args.data, args.test_count)
+        for card, name in ((float_card, FLOAT_FILE), (int8_card, INT8_FILE)):
+            card["quality"] = comparison["models"][name]
+            card["float_and_int8"] = comparison
+        for name, quality in comparison["models"].items():
+            print(f"{name}:\n{evaluation.format_table(quality)}")
+        print(json.dumps({k: v for k, v in comparison.items() if k != "models"}, indent=2))
+    _write_card(out / FLOAT_FILE, float_card)
+    _write_card(out / INT8_FILE, int8_card)
+    return int8_card
+
+
+def _write_card(model_path: Path, card: dict) -> None:
+    card_path(model_path).write_text(json.dumps(card, indent=2) + "\n")
 
 
 def export(model, out: Path) -> None:
@@ -177,12 +230,74 @@ def export_tflite(keras_path: Path, tflite_path: Path) -> None:
         tflite_path.write_bytes(tf.lite.TFLiteConverter.from_saved_model(scratch).convert())
 
 
+def export_int8(keras_path: Path, tflite_path: Path, representative: np.ndarray) -> None:
+    """Convert a .keras model to a full-integer .tflite (int8 weights, activations, input and output) for
+    XNNPACK's int8 kernels, calibrated on `representative` images (N x size x size x 3 uint8)."""
+    import keras
+    import tensorflow as tf
+
+    def samples():
+        for image in representative:
+            yield [image[None].astype(np.float32) * np.float32(1 / 255)]
+
+    model = keras.saving.load_model(str(keras_path), compile=False)
+    with tempfile.TemporaryDirectory() as scratch:
+        model.export(scratch, format="tf_saved_model", verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(scratch)
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = samples
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        # Integer input and output: LiteRTEngine quantizes the [0, 1] pixels and dequantizes the logits with the
+        # parameters the interpreter reports, so no float op is left in the graph.
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
+        tflite_path.write_bytes(converter.convert())
+
+
 def measure(model_path: Path, data: str, count: int) -> dict:
     """Quality of a model in inference mode, through the serving Segmenter, at the labels' own resolution."""
     segmenter = Segmenter(model_path).load()
     classes = segmenter.card["classes"]
     result = evaluation.evaluate(segmenter.segment_pixels, test_pairs(data, count, len(classes)), classes)
     return {**result, "data": f"{data} test split", "engine": segmenter.card["engine"]}
+
+
+def compare(float_path: Path, int8_path: Path, data: str, count: int) -> dict:
+    """Both models' quality and engine time (1 thread, median ms of one image) on the test split, and the
+    fraction of pixels where their masks agree; keyed by file name."""
+    models = {path.name: Segmenter(path).load() for path in (float_path, int8_path)}
+    classes = models[float_path.name].card["classes"]
+    totals = {name: np.zeros((len(classes), len(classes)), np.int64) for name in models}
+    same = pixels = images = 0
+    lowest = 1.0
+    scenes_at_input = []
+    for image, label in test_pairs(data, count, len(classes)):
+        masks = {name: segmenter.segment_pixels(image) for name, segmenter in models.items()}
+        for name, mask in masks.items():
+            totals[name] += evaluation.confusion(label, mask, len(classes))
+        agreeing = int(np.count_nonzero(masks[float_path.name] == masks[int8_path.name]))
+        same, pixels, images = same + agreeing, pixels + label.size, images + 1
+        lowest = min(lowest, agreeing / label.size)
+        if len(scenes_at_input) < TIMED_SCENES:
+            size = models[float_path.name].input_size
+            scenes_at_input.append(resize_pixels(image, size, size)[None].astype(np.float32) * np.float32(1 / 255))
+    times = evaluation.engine_milliseconds({name: s.engine.predict for name, s in models.items()}, scenes_at_input)
+    quality = {
+        name: {
+            **evaluation.scores(totals[name], classes),
+            "images": images,
+            "data": f"{data} test split",
+            "engine": models[name].card["engine"],
+            "engine_ms_per_image": times[name],
+        }
+        for name in models
+    }
+    return {
+        "models": quality,
+        "agreement": {"pixels": same / max(pixels, 1), "lowest_image": lowest, "images": images},
+        "int8_engine_time_ratio": round(times[int8_path.name] / times[float_path.name], 3),
+        "timing": f"engine alone, 1 thread, median of {len(scenes_at_input) * 3} calls (test scenes at input size)",
+    }
 
 
 def _parser_common(parser: argparse.ArgumentParser) -> None:
@@ -196,7 +311,8 @@ def _parser_common(parser: argparse.ArgumentParser) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="segapp-train", description="Train the U-Net and write unet.keras, unet.tflite, unet.json."
+        prog="segapp-train",
+        description="Train the U-Net and write unet.keras, unet.tflite, unet-int8.tflite and their cards.",
     )
     _parser_common(parser)
     parser.add_argument("--out", default="segapp/models", help="output folder (default: segapp/models)")
@@ -215,11 +331,25 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-version", default="1.0.0")
     parser.add_argument(
+        "--int8-scenes",
+        type=int,
+        default=300,
+        help="training images to calibrate unet-int8.tflite with (0: no int8 model)",
+    )
+    parser.add_argument(
+        "--int8-only",
+        action="store_true",
+        help="no training: quantize OUT/unet.keras to OUT/unet-int8.tflite and measure both models into both cards",
+    )
+    parser.add_argument(
         "--verbose", type=int, default=1, help="Keras fit verbosity: 1 progress bar, 2 a line per epoch"
     )
     args = parser.parse_args(argv)
     try:
-        train(args)
+        if args.int8_only:
+            add_int8(Path(args.out), args)
+        else:
+            train(args)
     except datasets.DatasetError as exc:
         print(f"segapp-train: {exc}", file=sys.stderr)
         return 2

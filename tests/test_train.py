@@ -1,4 +1,4 @@
-"""segapp-train writes the three artefacts and a valid card; segapp-eval prints its figures; bad data is refused."""
+"""segapp-train writes float and int8 models and their cards; segapp-eval prints its figures; bad data is refused."""
 
 import json
 
@@ -35,6 +35,8 @@ def trained(tmp_path_factory):
             "0",
             "--model-version",
             "0.0.1-test",
+            "--int8-scenes",
+            "4",
         ]
     )
     assert code == 0
@@ -62,6 +64,49 @@ def test_exported_tflite_matches_keras(trained):
     tensorflow = TensorFlowEngine(trained / "unet.keras").predict(batch)
     assert np.isfinite(litert).all()
     assert np.allclose(litert, tensorflow, atol=1e-3)
+
+
+def test_training_writes_an_int8_model_with_its_own_card(trained):
+    from segapp.inference import LiteRTEngine
+
+    int8 = trained / "unet-int8.tflite"
+    # int8 weights: about a quarter of the float file.
+    assert int8.stat().st_size < (trained / "unet.tflite").stat().st_size / 2
+    float_card = json.loads((trained / "unet.json").read_text())
+    int8_card = json.loads((trained / "unet-int8.json").read_text())
+    assert int8_card["version"] == "0.0.1-test" and int8_card["classes"] == float_card["classes"]
+    assert int8_card["quantization"]["representative_images"] == 4
+    assert int8_card["files"]["unet-int8.tflite"] == int8.stat().st_size
+    for card in (float_card, int8_card):
+        both = card["float_and_int8"]
+        assert set(both["models"]) == {"unet.tflite", "unet-int8.tflite"}
+        assert all(quality["engine_ms_per_image"] > 0 for quality in both["models"].values())
+        assert 0.0 <= both["agreement"]["pixels"] <= 1.0 and both["agreement"]["images"] == 2
+    assert int8_card["quality"] == int8_card["float_and_int8"]["models"]["unet-int8.tflite"]
+    assert float_card["quality"] == float_card["float_and_int8"]["models"]["unet.tflite"]
+
+    engine = LiteRTEngine(int8)
+    assert engine.quantized and not LiteRTEngine(trained / "unet.tflite").quantized
+    batch = np.random.default_rng(0).random((2, 128, 128, 3)).astype(np.float32)
+    logits = engine.predict(batch)
+    assert logits.dtype == np.float32 and logits.shape == (2, 128, 128, 3)
+    float_logits = LiteRTEngine(trained / "unet.tflite").predict(batch)
+    # Dequantized, the int8 logits are on the float model's scale, not raw int8 values.
+    spread = float(float_logits.max() - float_logits.min())
+    assert np.abs(logits - float_logits).mean() < 0.1 * spread
+
+
+def test_int8_only_quantizes_a_trained_model_without_training(trained, tmp_path):
+    for name in ("unet.keras", "unet.tflite", "unet.json"):
+        (tmp_path / name).write_bytes((trained / name).read_bytes())
+    code = train.main(
+        ["--int8-only", "--out", str(tmp_path), "--int8-scenes", "2", "--test-count", "1", "--verbose", "0"]
+    )
+    assert code == 0
+    card = json.loads((tmp_path / "unet-int8.json").read_text())
+    assert card["training"] == json.loads((trained / "unet.json").read_text())["training"]
+    assert card["quantization"]["representative_images"] == 2 and card["quality"]["images"] == 1
+    assert (tmp_path / "unet.keras").read_bytes() == (trained / "unet.keras").read_bytes()
 
 
 def test_eval_prints_a_table_and_json(trained, capsys):

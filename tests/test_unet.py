@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from segapp import unet
-from segapp.inference import SHIPPED_MODEL
+from segapp.inference import FLOAT_MODEL
 
 keras = pytest.importorskip("keras", reason="the tensorflow extra is part of make test")
 
@@ -36,8 +36,8 @@ def test_widths_are_ordered_by_parameter_count():
 
 
 def test_shipped_model_parameter_count_matches_its_card():
-    card = json.loads(SHIPPED_MODEL.with_suffix(".json").read_text())
-    model = keras.saving.load_model(str(SHIPPED_MODEL.with_suffix(".keras")), compile=False)
+    card = json.loads(FLOAT_MODEL.with_suffix(".json").read_text())
+    model = keras.saving.load_model(str(FLOAT_MODEL.with_suffix(".keras")), compile=False)
     assert model.count_params() == card["parameters"]
     assert tuple(model.input_shape[1:]) == (128, 128, 3)
     assert model.output_shape[-1] == len(card["classes"]) == len(card["palette"])
