@@ -1,48 +1,113 @@
-"""The physical limit: the engine alone, in-process, on already-decoded 128x128 tensors.
+"""The physical limit: the engine alone, in-process, on already-decoded 128x128 tensors; and `flat_out`, which runs
+any in-process job that way (the in-process pipeline of bench/profile_request.py too).
 
-Runs `processes` processes of `threads` engine threads each, the layout the stack uses, all started together,
-and counts images per second over `seconds`. Nothing but the engine runs in the timed loop.
+Runs `processes` processes, each with its own engine of `threads` threads (the layout the stack uses), all started
+together on a barrier, and counts calls per second over `seconds`. Nothing but the job runs in the timed loop.
+`tree` runs the job on another checkout's segapp (a baseline worktree) instead of this one's.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
+import sys
 import time
+import traceback
+from pathlib import Path
 
-import numpy as np
+WARM_UP_CALLS = 5  # first invocations allocate and plan
 
 
-def _worker(model: str, threads: int, seconds: float, barrier, results) -> None:
-    from segapp.inference import make_engine
+def use_tree(tree: str | Path) -> str:
+    """Make this process import segapp from `tree`; returns the folder of the segapp it now imports."""
+    # The venv has this checkout's segapp installed in editable mode, through a finder that setuptools appends to
+    # sys.meta_path, after the path finder: a tree first on sys.path wins over it. A spawned child has imported
+    # this checkout's segapp already (it re-imports bench.run), so that copy is forgotten first.
+    sys.path.insert(0, str(tree))
+    for name in [m for m in sys.modules if m == "segapp" or m.startswith("segapp.")]:
+        del sys.modules[name]
+    return segapp_folder()
 
-    engine = make_engine(model, threads)
-    batch = np.random.default_rng(0).random((1, 128, 128, 3)).astype(np.float32)
-    for _ in range(5):  # warm-up: first invocations allocate and plan
-        engine.predict(batch)
+
+def segapp_folder() -> str:
+    """The folder of the segapp package this process imports."""
+    import segapp
+
+    return str(Path(segapp.__file__).resolve().parent)
+
+
+def _worker(setup, args, tree, seconds: float, barrier, results) -> None:
+    # The job's own output (the in-process app's access log, one line a request) would flood the benchmark's;
+    # the stack's goes to its log file. A failure comes back through `results`.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    try:
+        if tree:
+            use_tree(tree)
+        call, about = setup(*args)
+        about["segapp"] = segapp_folder()
+        for _ in range(WARM_UP_CALLS):
+            call()
+    except BaseException:
+        barrier.abort()
+        results.put(("error", traceback.format_exc()))
+        raise
     barrier.wait()
     count, started = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - started) < seconds:
-        engine.predict(batch)
+        call()
         count += 1
-    results.put((count, elapsed))
+    results.put((count, elapsed, about))
 
 
-def engine_alone(model: str, processes: int, threads: int, seconds: float) -> dict:
-    """Images per second of `processes` x `threads` engines running flat out, and milliseconds per image."""
+def flat_out(setup, args: tuple, processes: int, seconds: float, tree: str | Path | None = None) -> dict:
+    """Calls per second of `processes` processes each calling, flat out for `seconds`, the callable that
+    `setup(*args)` returns with a dict about it; `setup` must be a module-level function (it is pickled by name)."""
     context = multiprocessing.get_context("spawn")  # each process loads its own engine, as uWSGI's lazy-apps does
     barrier, results = context.Barrier(processes), context.Queue()
     workers = [
-        context.Process(target=_worker, args=(model, threads, seconds, barrier, results)) for _ in range(processes)
+        context.Process(target=_worker, args=(setup, args, str(tree) if tree else None, seconds, barrier, results))
+        for _ in range(processes)
     ]
     for worker in workers:
         worker.start()
-    counts = [results.get(timeout=seconds + 120) for _ in workers]
+    counts = [results.get(timeout=seconds + 300) for _ in workers]
     for worker in workers:
         worker.join()
-    images_per_s = sum(count / elapsed for count, elapsed in counts)
+    errors = [count[1] for count in counts if count[0] == "error"]
+    if errors:
+        raise RuntimeError(f"an in-process bench worker failed:\n{errors[0]}")
+    per_s = sum(count / elapsed for count, elapsed, _ in counts)
+    return {
+        "processes": processes,
+        "per_s": round(per_s, 2),
+        "ms_per_call_per_process": round(1000 * processes / per_s, 3),
+        **counts[0][2],
+    }
+
+
+def _engine(model: str, threads: int):
+    import numpy as np
+
+    from segapp.config import Settings
+    from segapp.inference import make_engine
+
+    model = model or str(Settings().model)  # the tree's own shipped default
+    engine = make_engine(model, threads)
+    batch = np.random.default_rng(0).random((1, 128, 128, 3)).astype(np.float32)
+    return (lambda: engine.predict(batch)), {"model": model}
+
+
+def engine_alone(model: str, processes: int, threads: int, seconds: float, tree: str | Path | None = None) -> dict:
+    """Images per second of `processes` x `threads` engines running flat out, and milliseconds per image; `model`
+    empty: the tree's default."""
+    figures = flat_out(_engine, (model, threads), processes, seconds, tree)
     return {
         "processes": processes,
         "threads": threads,
-        "images_per_s": round(images_per_s, 2),
-        "ms_per_image_per_process": round(1000 * processes / images_per_s, 3),
+        "images_per_s": figures["per_s"],
+        "ms_per_image_per_process": figures["ms_per_call_per_process"],
+        "model": figures["model"],
+        "segapp": figures["segapp"],
     }

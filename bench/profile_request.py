@@ -1,8 +1,10 @@
-"""Where a request's time goes outside the engine: the WSGI app in-process, stage medians and a cProfile.
+"""Where a request's time goes outside the engine: the WSGI app in-process, stage medians and a cProfile; and
+`in_process`, the in-process pipeline that bench.run sets beside the engine alone and the stack.
 
     .venv/bin/python -m bench.profile_request [--size 500x375] [--requests 300]
 
-No nginx, no uWSGI: the app is called through WebOb, as uWSGI would call it, on a JPEG of a held-out scene.
+No nginx, no uWSGI: the app is called through WebOb, as uWSGI would call it, on a JPEG of a held-out scene: the same
+work as a request through the stack (decode, network, upsample, PNG), without HTTP.
 """
 
 from __future__ import annotations
@@ -19,9 +21,42 @@ from pathlib import Path
 import numpy as np
 from webob import Request
 
-from bench.run import make_image
+from bench.engine_alone import flat_out
+from bench.images import make_image
 from segapp.config import Settings
 from segapp.wsgi import make_app
+
+
+def app_request(app, data: bytes, fmt: str = "png"):
+    """One POST /infer of `data` through the WSGI `app`, in-process; the response."""
+    blank = Request.blank(f"/infer?format={fmt}", method="POST", body=data, content_type="image/jpeg")
+    return blank.get_response(app)
+
+
+def _pipeline(data: bytes, model: str, threads: int):
+    # Imported here: flat_out's worker has switched segapp to the tree being measured by now.
+    from segapp.config import Settings
+    from segapp.wsgi import make_app
+
+    environ = {"SEGAPP_THREADS": str(threads), **({"SEGAPP_MODEL": model} if model else {})}
+    settings = Settings.from_env(environ)
+    app = make_app(settings)
+    answer = app_request(app, data)
+    if answer.status_code != 200:
+        raise RuntimeError(f"the in-process app answered {answer.status}: {answer.body[:300]!r}")
+    return (lambda: app_request(app, data)), {"model": str(settings.model), "answer_bytes": len(answer.body)}
+
+
+def in_process(data: bytes, model: str, processes: int, threads: int, seconds: float, tree=None) -> dict:
+    """Requests per second of `processes` in-process apps (`threads` engine threads each) answering PNG masks of the
+    JPEG `data` flat out, the stack's layout without uWSGI, nginx or HTTP; `model` empty: the tree's default."""
+    figures = flat_out(_pipeline, (data, model, threads), processes, seconds, tree)
+    return {
+        "requests_per_s": figures["per_s"],
+        "ms_per_request_per_process": figures["ms_per_call_per_process"],
+        "model": figures["model"],
+        "segapp": figures["segapp"],
+    }
 
 
 def main(argv=None) -> int:
@@ -39,8 +74,7 @@ def main(argv=None) -> int:
     batch = np.random.default_rng(0).random((1, 128, 128, 3)).astype(np.float32)
 
     def request():
-        blank = Request.blank(f"/infer?format={args.format}", method="POST", body=data, content_type="image/jpeg")
-        return blank.get_response(app)
+        return app_request(app, data, args.format)
 
     for _ in range(20):
         request()

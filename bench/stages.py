@@ -15,7 +15,7 @@ from pathlib import Path
 
 def main(argv=None) -> int:
     tree = Path((argv or sys.argv[1:] or ["."])[0]).resolve()
-    from bench.run import make_image  # the images, from this checkout
+    from bench.images import make_image  # the images, from this checkout
 
     sys.path.insert(0, str(tree))
     for name in [m for m in sys.modules if m == "segapp" or m.startswith("segapp.")]:
@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     from segapp.inference import Segmenter
 
     segmenter = Segmenter(tree / "segapp" / "models" / "unet.tflite").load()
-    for size in ((500, 375), (1920, 1080)):
+    for size in ((500, 375), (1920, 1080), (4032, 3024)):
         with tempfile.TemporaryDirectory() as scratch:
             data = make_image(Path(scratch), *size).read_bytes()
         rows = []

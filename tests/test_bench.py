@@ -2,10 +2,13 @@
 
 import json
 import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 
 from bench import run
+from bench.stack import ROOT
 
 pytestmark = [
     pytest.mark.integration,
@@ -39,8 +42,47 @@ def test_tiny_benchmark_writes_table_json_and_plot(tmp_path, capsys):
     assert [row["concurrency"] for row in rows] == [1, 2]
     assert all(row["requests_per_s"] > 0 and row["non_2xx"] == 0 for row in rows)
     assert result["engine_alone"]["images_per_s"] > 0
+    assert result["in_process"]["scene-500x375.jpg"]["requests_per_s"] > 0
+    assert result["summary"]["scene-500x375.jpg"]["serving_efficiency"] > 0
     assert result["open_loop"]["statuses"].get(200, 0) > 0 or result["open_loop"]["statuses"].get("200", 0) > 0
     assert len(result["worker_rss_mb"]) >= 1 and result["ready_s"] > 0
+    assert "baseline" not in result and "ratios" not in result
     assert (tmp_path / "tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = capsys.readouterr().out
-    assert "| concurrency | requests/s |" in table and "engine alone" in table
+    assert "| concurrency | requests/s |" in table and "engine alone" in table and "serving efficiency" in table
+
+
+def test_baseline_runs_the_same_benchmark_on_a_worktree_of_ref_and_reports_ratios(tmp_path, capsys):
+    run.main(
+        ["--baseline", "HEAD", "--concurrency", "1", "--seconds", "1", "--images", "500x375", "--engine-seconds", "1",
+         "--open-loop-seconds", "0", "--overload", "0", "--out", str(tmp_path), "--name", "tiny"]
+    )
+    result = json.loads((tmp_path / "tiny.json").read_text())
+    baseline, ratios = result["baseline"], result["ratios"]
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert baseline["ref"] == "HEAD" and baseline["tree"]["commit"] == head.strip()
+    tree = Path(baseline["tree"]["root"])
+    # The baseline's own code served it: its segapp in-process, its default model mapped by its stack's workers.
+    assert baseline["engine_alone"]["segapp"] == str(tree / "segapp")
+    assert baseline["in_process"]["scene-500x375.jpg"]["segapp"] == str(tree / "segapp")
+    assert baseline["workers_model"] and all(Path(path).is_relative_to(tree) for path in baseline["workers_model"])
+    assert result["engine_alone"]["segapp"] == str(ROOT / "segapp")
+    for figures in (result, baseline):
+        (row,) = figures["images"]["scene-500x375.jpg"]["rows"]
+        assert row["concurrency"] == 1 and row["requests_per_s"] > 0 and row["non_2xx"] == 0
+    new_row, base_row = (f["images"]["scene-500x375.jpg"]["rows"][0] for f in (result, baseline))
+    ratio_row = ratios["images"]["scene-500x375.jpg"]["rows"][0]
+    expected = new_row["requests_per_s"] / base_row["requests_per_s"]
+    assert ratio_row["requests_per_s"] == pytest.approx(expected, abs=1e-3)
+    assert ratio_row["concurrency"] == 1
+    assert ratios["engine_alone"]["images_per_s"] == pytest.approx(
+        result["engine_alone"]["images_per_s"] / baseline["engine_alone"]["images_per_s"], abs=1e-3
+    )
+    assert ratios["summary"]["scene-500x375.jpg"]["serving_efficiency"] > 0
+    assert ratios["in_process"]["scene-500x375.jpg"]["requests_per_s"] > 0
+    # The worktree is gone, from the disk and from git's list.
+    assert not tree.exists()
+    listed = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True).stdout
+    assert str(tree) not in listed
+    table = capsys.readouterr().out
+    assert "baseline: HEAD" in table and "x) |" in table
