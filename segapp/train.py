@@ -2,7 +2,7 @@
 
     segapp-train --data synthetic --epochs 30 --out segapp/models
     segapp-train --data ~/datasets/oxford-iiit-pet --epochs 40 --width half --out models/pets
-    segapp-eval --model segapp/models/unet.tflite --data synthetic
+    segapp-eval --model segapp/models/unet-int8.tflite --against segapp/models/unet.tflite --data synthetic
 
     segapp-train --int8-only --out segapp/models
 
@@ -265,6 +265,8 @@ def measure(model_path: Path, data: str, count: int) -> dict:
 def compare(float_path: Path, int8_path: Path, data: str, count: int) -> dict:
     """Both models' quality and engine time (1 thread, median ms of one image) on the test split, and the
     fraction of pixels where their masks agree; keyed by file name."""
+    if float_path.name == int8_path.name:
+        raise ValueError(f"{float_path} and {int8_path}: the models are told apart by file name; rename one")
     models = {path.name: Segmenter(path).load() for path in (float_path, int8_path)}
     classes = models[float_path.name].card["classes"]
     totals = {name: np.zeros((len(classes), len(classes)), np.int64) for name in models}
@@ -364,11 +366,28 @@ def eval_main(argv=None) -> int:
     parser.add_argument("--model", required=True, help="a .tflite, .keras or SavedModel path")
     parser.add_argument("--count", type=int, default=500, help="test images (0: the whole folder split)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--against",
+        help="a second model (the float one for an int8 --model): both models' quality and engine time, and how "
+        "often their masks agree",
+    )
     args = parser.parse_args(argv)
     try:
-        result = measure(Path(args.model), args.data, args.count)
+        if args.against:
+            result = compare(Path(args.against), Path(args.model), args.data, args.count)
+        else:
+            result = measure(Path(args.model), args.data, args.count)
     except (datasets.DatasetError, FileNotFoundError, ValueError) as exc:
         print(f"segapp-eval: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=2) if args.json else evaluation.format_table(result))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif args.against:
+        for name, quality in result["models"].items():
+            print(f"{name} ({quality['engine_ms_per_image']:.2f} ms per image, engine alone, 1 thread)")
+            print(evaluation.format_table(quality))
+        agreement = result["agreement"]
+        print(f"masks agree on {agreement['pixels']:.4%} of pixels (lowest image {agreement['lowest_image']:.4%})")
+    else:
+        print(evaluation.format_table(result))
     return 0

@@ -118,6 +118,16 @@ def test_eval_prints_a_table_and_json(trained, capsys):
     assert result["images"] == 2 and 0.0 <= result["miou"] <= 1.0
 
 
+def test_eval_against_a_second_model_prints_both_and_their_agreement(trained, capsys):
+    arguments = ["--model", str(trained / "unet-int8.tflite"), "--against", str(trained / "unet.tflite")]
+    assert train.eval_main([*arguments, "--count", "2"]) == 0
+    table = capsys.readouterr().out
+    assert "unet-int8.tflite (" in table and "unet.tflite (" in table and "masks agree on" in table
+    assert train.eval_main([*arguments, "--count", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["models"]) == {"unet.tflite", "unet-int8.tflite"} and result["agreement"]["images"] == 2
+
+
 def test_missing_dataset_folder_is_a_clear_error(tmp_path, capsys):
     code = train.main(["--data", str(tmp_path / "nope"), "--epochs", "1", "--out", str(tmp_path / "out")])
     assert code == 2
