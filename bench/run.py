@@ -1,8 +1,8 @@
 """The load benchmark: the real stack beside the in-process pipeline and the engine alone, measured in one run;
 with --baseline REF, the same benchmark on git revision REF in the same run, each figure beside new/baseline.
 
-    make bench                                # 7 concurrencies x 3 images (up to 12 MP), 10 s each
-    make bench BENCH_ARGS="--baseline main"   # and the same on main, interleaved, with the ratios new/baseline
+    make bench                                # 7 concurrencies x 3 images (up to 12 MP), 10 s each: about 5 minutes
+    make bench BENCH_ARGS="--baseline main"   # and the same on main, interleaved, ratios new/baseline: about 10 min
     .venv/bin/python -m bench.run --concurrency 1,2 --seconds 1 --images 500x375   # a smoke run
 
 Writes bench/results/<name>.json and <name>.png (throughput and p99 against concurrency, engine-alone line drawn)
@@ -29,6 +29,9 @@ from bench.stack import ROOT, Stack
 
 # Figures that name a point rather than measure it: copied into the ratios, not divided.
 NOT_MEASURED = {"concurrency", "processes", "threads", "rate_per_s", "best_concurrency"}
+# wrk's timeout in the sweep: 64 connections of 12 MP photos queue for about 16 s on 2 cores, which the table should
+# show as latency, not as wrk's timeouts; beyond nginx's uwsgi_read_timeout (60 s) nginx answers 504 itself.
+SWEEP_TIMEOUT_S = 60
 
 
 def machine() -> dict:
@@ -98,7 +101,7 @@ def workers_model(stack: Stack, tree: Path, model_given: bool) -> list[str]:
 
 def measure(stack: Stack, image: Path, concurrency: int, seconds: float) -> dict:
     cpu_before = stack.cpu_seconds()
-    row = wrk(stack.url + "/infer", image, concurrency, seconds)
+    row = wrk(stack.url + "/infer", image, concurrency, seconds, timeout_s=SWEEP_TIMEOUT_S)
     cpu = stack.cpu_seconds() - cpu_before
     row["stack_cpu_ms_per_request"] = round(1000 * cpu / max(row["answers"], 1), 3)
     return row
@@ -108,6 +111,7 @@ def run(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     processes = args.processes or os.cpu_count()
+    args.model = str(Path(args.model).resolve()) if args.model else ""  # each stack runs in its own tree
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     result = {
         "machine": machine(),
@@ -134,8 +138,8 @@ def run(args) -> dict:
             print(f"  {limit['images_per_s']} images/s ({limit['model']})", flush=True)
         for name in roots:
             figures[name]["in_process"], figures[name]["images"] = {}, {}
-        for image in images:
-            for name, root in roots.items():
+        for index, image in enumerate(images):
+            for name, root in list(roots.items())[:: 1 if index % 2 == 0 else -1]:
                 pipeline = in_process(image.read_bytes(), args.model, processes, args.threads, args.engine_seconds,
                                       tree=root)
                 figures[name]["in_process"][image.name] = pipeline
@@ -219,7 +223,7 @@ def ratios(new, base):
     if isinstance(new, list) and isinstance(base, list) and len(new) == len(base):
         return [ratios(a, b) for a, b in zip(new, base, strict=True)]
     if isinstance(new, (int, float)) and isinstance(base, (int, float)) and not isinstance(new, bool):
-        return round(new / base, 3) if base else None
+        return round(new / base, 3) if base > 0 and new >= 0 else None  # a negative figure is noise
     return None
 
 
