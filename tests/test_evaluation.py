@@ -1,9 +1,9 @@
-"""IoU, mIoU and pixel accuracy equal the values worked out by hand."""
+"""IoU, mIoU and pixel accuracy equal the values worked out by hand; engine timing takes turns between models."""
 
 import numpy as np
 import pytest
 
-from segapp.evaluation import confusion, evaluate, format_table, scores
+from segapp.evaluation import confusion, engine_milliseconds, evaluate, format_table, scores
 
 
 def test_scores_on_hand_made_masks():
@@ -56,3 +56,14 @@ def test_classes_beyond_the_models_are_refused_not_miscounted():
         confusion(np.array([[0, 2]]), np.array([[0, 1]]), num_classes=2)
     with pytest.raises(ValueError, match="prediction has class 3"):
         confusion(np.array([[0, 1]]), np.array([[0, 3]]), num_classes=3)
+
+
+def test_engine_milliseconds_times_each_model_on_every_batch_in_turn():
+    calls = []
+    predicts = {name: (lambda batch, name=name: calls.append((name, batch))) for name in ("float", "int8")}
+    batches = [np.zeros((1, 2, 2, 3), np.float32) + value for value in range(3)]
+    times = engine_milliseconds(predicts, batches, rounds=2)
+    assert set(times) == {"float", "int8"} and all(ms >= 0 for ms in times.values())
+    # A warm-up call each, then the two take turns on each batch, so a busy spell slows both alike.
+    assert [name for name, _ in calls] == ["float", "int8"] + ["float", "int8"] * 6
+    assert [float(batch.flat[0]) for _, batch in calls[2::2]] == [0, 1, 2, 0, 1, 2]
