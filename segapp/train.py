@@ -347,6 +347,8 @@ def main(argv=None) -> int:
         "--verbose", type=int, default=1, help="Keras fit verbosity: 1 progress bar, 2 a line per epoch"
     )
     args = parser.parse_args(argv)
+    if args.int8_only and args.int8_scenes < 1:
+        parser.error("--int8-only needs --int8-scenes of at least 1")
     try:
         if args.int8_only:
             add_int8(Path(args.out), args)
