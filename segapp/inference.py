@@ -7,6 +7,7 @@ not import TensorFlow: only `TensorFlowEngine` does, when it is made.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -268,79 +269,130 @@ class Segmenter:
         return self.engine.predict(batch)[0]
 
 
-# Output pixels interpolated in one go by upsample_argmax: bounds its temporaries to about 50 MB.
+# Output pixels of uncertain cells interpolated in one go by upsample_argmax: bounds its temporaries to about 30 MB.
 _INTERPOLATED_PER_CHUNK = 1 << 19
+# A cell's class is certain when, at each of its corners, it beats every lower class by this fraction of the
+# largest logit (plus the smallest normal float32, for underflow): twice the most that float32 rounding in the
+# two interpolation passes can move the difference of two classes (8 units in the last place of the largest).
+_CERTAIN_MARGIN = 2.0**-20
+_UNDERFLOW_MARGIN = 2.0**-126
+# Above this, sums could overflow and the margin argument would not hold: such logits are interpolated everywhere.
+_LARGEST_CERTAIN_LOGIT = 2.0**100
+
+
+@dataclass(frozen=True)
+class _Taps:
+    """Bilinear taps along one axis, `out` output pixels from `source` pixels: half-pixel centres, edges clamped.
+
+    Output pixel o reads source pixels first[o] and second[o] = min(first[o] + 1, source - 1) with the float32
+    weights keep[o] = 1 - weight[o] and weight[o], where position = clamp((o + 0.5) * source / out - 0.5, 0,
+    source - 1) is computed in float64 and rounded to float32, first = floor(position), weight = position - first.
+    """
+
+    first: np.ndarray
+    second: np.ndarray
+    keep: np.ndarray
+    weight: np.ndarray
+
+    @classmethod
+    def along(cls, out: int, source: int) -> _Taps:
+        position = np.clip((np.arange(out) + 0.5) * (source / out) - 0.5, 0, source - 1).astype(np.float32)
+        first = position.astype(np.intp)
+        weight = position - first.astype(np.float32)  # exact: position is in [first, first + 1)
+        return cls(first, np.minimum(first + 1, source - 1), np.float32(1) - weight, weight)
+
+    def spans(self, source: int) -> tuple[np.ndarray, np.ndarray]:
+        """For each source index, the first output index whose first tap it is, and how many there are."""
+        starts = np.searchsorted(self.first, np.arange(source), side="left")
+        return starts, np.searchsorted(self.first, np.arange(source), side="right") - starts
 
 
 def upsample_argmax(logits: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Class mask at width x height: the argmax of the logits upsampled bilinearly (half-pixel centres, as Pillow).
+    """Class mask at width x height: the argmax (ties to the lower class) of the logits upsampled bilinearly.
 
-    Upsampling the 128-px argmax instead would draw every edge as steps of width/128 pixels. Interpolation is a
-    convex combination, so where the 2x2 source pixels around an output pixel share one class, the interpolated
-    argmax is that class, and nearest-neighbour upsampling of the low-resolution argmax is exact there. Only the
-    output pixels whose nearest source pixel has another class among its 8 neighbours get the float interpolation,
-    about a tenth of them: 1 ms for a 500x375 mask, where Pillow's bilinear resize of three planes takes 1.6 ms
-    before any argmax, and the same mask to the last pixel.
+    The contract, to the bit, for finite logits: each class plane is interpolated in float32, separably and
+    horizontally first, h = a[y, first_x] * keep_x + a[y, second_x] * weight_x for every source row y, then
+    v = h[first_y] * keep_y + h[second_y] * weight_y, with the taps of `_Taps` (half-pixel centres, edges clamped:
+    Pillow's Image.resize BILINEAR when upscaling, which sums in double precision instead); tests/test_inference.py
+    checks it against a plain NumPy implementation of that formula.
+
+    Upsampling the 128-px argmax instead would draw every edge as steps of width/128 pixels. Most output pixels
+    need no interpolation: every operation above is monotonic with non-negative weights, so in a cell whose four
+    corners have one class that beats each lower class by a margin float32 rounding cannot close, every output
+    pixel has that class, and copying the low-resolution argmax is exact. Only cells along class edges (a few
+    percent) are interpolated.
     """
+    logits = np.asarray(logits, dtype=np.float32)
     low = _argmax(logits)
-    source_h, source_w = low.shape
+    source_h, source_w, _ = logits.shape
     if (source_w, source_h) == (width, height):
         return low
-    # The nearest source pixel of each output row and column; always one of the two bilinear taps.
-    nearest_row = np.minimum(((np.arange(height) + 0.5) * (source_h / height)).astype(np.intp), source_h - 1)
-    nearest_col = np.minimum(((np.arange(width) + 0.5) * (source_w / width)).astype(np.intp), source_w - 1)
-    mask = low.take(nearest_row, axis=0).take(nearest_col, axis=1)
+    rows, cols = _Taps.along(height, source_h), _Taps.along(width, source_w)
+    mask = low.take(cols.first, axis=1).take(rows.first, axis=0)
 
-    padded = np.pad(low, 1, mode="edge")
-    edge = np.zeros(low.shape, dtype=bool)
-    for dy in range(3):
-        for dx in range(3):
-            edge |= padded[dy : dy + source_h, dx : dx + source_w] != low
-    edge_rows, edge_cols = np.nonzero(edge)
-    # A few edge pixels at a time: each costs about 100 bytes of temporaries per output pixel of its block, and a
-    # 40-megapixel mask with edges everywhere would need gigabytes at once.
-    block_pixels = (height // source_h + 2) * (width // source_w + 2)
-    step = max(1, _INTERPOLATED_PER_CHUNK // block_pixels)
-    for start in range(0, len(edge_rows), step):
-        rows, cols = edge_rows[start : start + step], edge_cols[start : start + step]
-        ys, xs = _blocks(rows, nearest_row, source_h), _blocks(cols, nearest_col, source_w)
-        ys, xs = np.broadcast_arrays(ys[0][:, :, None], xs[0][:, None, :]), (ys[1][:, :, None] & xs[1][:, None, :])
-        ys, xs = ys[0][xs], ys[1][xs]
-        mask[ys, xs] = _argmax(_interpolate(logits, ys, xs, height, width))
+    row_starts, row_counts = rows.spans(source_h)
+    col_starts, col_counts = cols.spans(source_w)
+    uncertain = _uncertain_cells(logits, low) & (row_counts[:, None] > 0) & (col_counts[None, :] > 0)
+    cell_rows, cell_cols = np.nonzero(uncertain)
+    if not len(cell_rows):
+        return mask
+    tall, wide = int(row_counts.max()), int(col_counts.max())
+    step = max(1, _INTERPOLATED_PER_CHUNK // (tall * wide))
+    for start in range(0, len(cell_rows), step):
+        r, c = cell_rows[start : start + step], cell_cols[start : start + step]
+        # Each cell's output rows and columns, padded to the tallest and widest by repeating its last one: the
+        # repeats compute and write the same pixel again, which costs less than masking them out.
+        ys = row_starts[r][:, None] + np.minimum(np.arange(tall), row_counts[r][:, None] - 1)
+        xs = col_starts[c][:, None] + np.minimum(np.arange(wide), col_counts[c][:, None] - 1)
+        mask[ys[:, :, None], xs[:, None, :]] = _interpolated_argmax(logits, rows, cols, ys, xs)
     return mask
 
 
-def _blocks(sources: np.ndarray, nearest: np.ndarray, source_size: int):
-    """For each source index, the output indices whose nearest source it is, padded: (indices, valid) E x longest."""
-    starts = np.searchsorted(nearest, np.arange(source_size), side="left")
-    ends = np.searchsorted(nearest, np.arange(source_size), side="right")
-    longest = int((ends - starts).max())
-    indices = starts[sources][:, None] + np.arange(longest)[None, :]
-    valid = indices < ends[sources][:, None]
-    return np.minimum(indices, len(nearest) - 1), valid
+def _uncertain_cells(logits: np.ndarray, low: np.ndarray) -> np.ndarray:
+    """Which cells (corners r, min(r + 1, h - 1) x c, min(c + 1, w - 1)) must be interpolated: those whose corners
+    differ in class, or where a corner's class does not beat a lower class by the margin."""
+    largest = max(float(logits.max()), -float(logits.min()))
+    if not largest < _LARGEST_CERTAIN_LOGIT:  # also NaN
+        return np.ones(low.shape, dtype=bool)
+    margin = np.float32(largest * _CERTAIN_MARGIN + _UNDERFLOW_MARGIN)
+    height, width = low.shape
+    # Padded by one row and column repeating the last, where the second tap is the first (edges clamped).
+    sure = np.ones((height + 1, width + 1), dtype=bool)
+    classes = np.empty((height + 1, width + 1), dtype=np.uint8)
+    classes[:height, :width] = low
+    if logits.shape[-1] > 1:
+        planes = [logits[..., k] for k in range(logits.shape[-1])]
+        winner = functools.reduce(np.maximum, planes)
+        for lower, plane in enumerate(planes[:-1]):
+            sure[:height, :width] &= (low <= lower) | (winner - plane > margin)
+    for grid in (sure, classes):
+        grid[height, :width] = grid[height - 1, :width]
+        grid[:, width] = grid[:, width - 1]
+    corner = classes[:-1, :-1]
+    certain = sure[:-1, :-1] & sure[:-1, 1:] & sure[1:, :-1] & sure[1:, 1:]
+    certain &= (classes[:-1, 1:] == corner) & (classes[1:, :-1] == corner) & (classes[1:, 1:] == corner)
+    return ~certain
 
 
-def _interpolate(logits: np.ndarray, ys: np.ndarray, xs: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinearly interpolated logits (N x classes) at output pixels (ys, xs) of a height x width image."""
-    source_h, source_w, classes = logits.shape
-    y0, y1, wy = _taps(ys, height, source_h)
-    x0, x1, wx = _taps(xs, width, source_w)
-    corners = (y0 * source_w + x0, y0 * source_w + x1, y1 * source_w + x0, y1 * source_w + x1)
-    w11 = wy * wx
-    weights = (1 - wy - wx + w11, wx - w11, wy - w11, w11)
-    planes = np.moveaxis(logits, -1, 0).reshape(classes, -1)
-    out = np.empty((len(ys), classes), dtype=np.float32)
-    for c in range(classes):
-        plane = planes[c]
-        out[:, c] = sum(plane.take(index) * weight for index, weight in zip(corners, weights, strict=True))
-    return out
-
-
-def _taps(out_index: np.ndarray, out_size: int, source_size: int):
-    """Bilinear source indices and weight of the second, for output indices along one axis (edges clamped)."""
-    position = np.clip((out_index + 0.5) * (source_size / out_size) - 0.5, 0, source_size - 1).astype(np.float32)
-    first = position.astype(np.intp)
-    return first, np.minimum(first + 1, source_size - 1), position - first
+def _interpolated_argmax(logits: np.ndarray, rows: _Taps, cols: _Taps, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """The contract's argmax at output pixels ys (cells x tall) by xs (cells x wide), each cell's pixels sharing
+    its four corners: cells x tall x wide, uint8."""
+    top, left = rows.first[ys[:, 0]], cols.first[xs[:, 0]]
+    bottom, right = rows.second[ys[:, 0]], cols.second[xs[:, 0]]
+    keep_x, weight_x = cols.keep[xs], cols.weight[xs]
+    keep_y, weight_y = rows.keep[ys][:, :, None], rows.weight[ys][:, :, None]
+    best = index = None
+    for k in range(logits.shape[-1]):
+        plane = logits[..., k]
+        upper = plane[top, left][:, None] * keep_x + plane[top, right][:, None] * weight_x
+        lower = plane[bottom, left][:, None] * keep_x + plane[bottom, right][:, None] * weight_x
+        value = upper[:, None, :] * keep_y + lower[:, None, :] * weight_y
+        if best is None:
+            best, index = value, np.zeros(value.shape, dtype=np.uint8)
+        else:
+            np.copyto(index, np.uint8(k), where=value > best)
+            np.maximum(best, value, out=best)
+    return index
 
 
 def _argmax(logits: np.ndarray) -> np.ndarray:
