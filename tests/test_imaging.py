@@ -153,6 +153,19 @@ def test_mask_png_keeps_class_indices_and_palette():
     assert image.getpalette()[:9] == [c for colour in PALETTE for c in colour]
 
 
+@pytest.mark.parametrize("classes, depth", [(2, 1), (3, 2), (4, 2), (5, 4), (16, 4), (17, 8), (256, 8)])
+def test_mask_png_has_the_bit_depth_its_classes_need_and_reads_back_exactly(classes, depth):
+    palette = [(index, 255 - index, index * 7 % 256) for index in range(classes)]
+    mask = np.random.default_rng(classes).integers(0, classes, (37, 101)).astype(np.uint8)
+    mask[:, 40:90] = classes - 1  # runs, as in a real mask
+    data = mask_to_png(mask, palette)
+    assert data[24] == depth  # IHDR's bit depth
+    image = Image.open(io.BytesIO(data))
+    assert image.mode == "P" and image.size == (101, 37)
+    assert np.array_equal(np.asarray(image), mask)
+    assert image.getpalette() == [c for colour in palette for c in colour]
+
+
 def test_overlay_is_a_jpeg_of_the_image_size():
     pixels = gradient(50, 30)
     mask = np.zeros((30, 50), dtype=np.uint8)
