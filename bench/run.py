@@ -1,8 +1,8 @@
 """The load benchmark: the real stack beside the in-process pipeline and the engine alone, measured in one run;
 with --baseline REF, the same benchmark on git revision REF in the same run, each figure beside new/baseline.
 
-    make bench                                # 7 concurrencies x 3 images (up to 12 MP), 10 s each: about 5 minutes
-    make bench BENCH_ARGS="--baseline main"   # and the same on main, interleaved, ratios new/baseline: about 10 min
+    make bench                                # 7 concurrencies x 3 images (up to 12 MP), 10 s each: about 6 minutes
+    make bench BENCH_ARGS="--baseline main"   # and the same on main, interleaved, ratios new/baseline: about 12 min
     .venv/bin/python -m bench.run --concurrency 1,2 --seconds 1 --images 500x375   # a smoke run
 
 Writes bench/results/<name>.json and <name>.png (throughput and p99 against concurrency, engine-alone line drawn)
