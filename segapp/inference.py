@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -301,10 +302,25 @@ class _Taps:
         weight = position - first.astype(np.float32)  # exact: position is in [first, first + 1)
         return cls(first, np.minimum(first + 1, source - 1), np.float32(1) - weight, weight)
 
-    def spans(self, source: int) -> tuple[np.ndarray, np.ndarray]:
-        """For each source index, the first output index whose first tap it is, and how many there are."""
+    def runs(self, source: int) -> _Runs:
+        """The output indices whose first tap is each source index, in runs of at most ceil(out / source): the
+        clamped edges make the first and last source index's spans longer than the others'."""
         starts = np.searchsorted(self.first, np.arange(source), side="left")
-        return starts, np.searchsorted(self.first, np.arange(source), side="right") - starts
+        counts = np.searchsorted(self.first, np.arange(source), side="right") - starts
+        longest = max(1, -(-len(self.first) // source))
+        runs = -(-counts // longest)
+        first = np.cumsum(runs) - runs
+        owner = np.repeat(np.arange(source), runs)
+        run_starts = starts[owner] + longest * (np.arange(len(owner)) - first[owner])
+        return _Runs(first, runs, run_starts, np.minimum(longest, starts[owner] + counts[owner] - run_starts), longest)
+
+
+class _Runs(NamedTuple):
+    first: np.ndarray  # per source index: its first run
+    count: np.ndarray  # per source index: how many runs
+    starts: np.ndarray  # per run: its first output index
+    lengths: np.ndarray  # per run: how many output indices
+    longest: int
 
 
 def upsample_argmax(logits: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -330,20 +346,24 @@ def upsample_argmax(logits: np.ndarray, width: int, height: int) -> np.ndarray:
     rows, cols = _Taps.along(height, source_h), _Taps.along(width, source_w)
     mask = low.take(cols.first, axis=1).take(rows.first, axis=0)
 
-    row_starts, row_counts = rows.spans(source_h)
-    col_starts, col_counts = cols.spans(source_w)
-    uncertain = _uncertain_cells(logits, low) & (row_counts[:, None] > 0) & (col_counts[None, :] > 0)
+    row_runs, col_runs = rows.runs(source_h), cols.runs(source_w)
+    uncertain = _uncertain_cells(logits, low) & (row_runs.count[:, None] > 0) & (col_runs.count[None, :] > 0)
     cell_rows, cell_cols = np.nonzero(uncertain)
-    if not len(cell_rows):
-        return mask
-    tall, wide = int(row_counts.max()), int(col_counts.max())
+    # Each uncertain cell in blocks, one per pair of its row and column runs (one block but at the edges).
+    across = col_runs.count[cell_cols]
+    blocks = row_runs.count[cell_rows] * across
+    cell = np.repeat(np.arange(len(blocks)), blocks)
+    within = np.arange(len(cell)) - np.repeat(np.cumsum(blocks) - blocks, blocks)
+    block_rows = row_runs.first[cell_rows][cell] + within // across[cell]
+    block_cols = col_runs.first[cell_cols][cell] + within % across[cell]
+    tall, wide = row_runs.longest, col_runs.longest
     step = max(1, _INTERPOLATED_PER_CHUNK // (tall * wide))
-    for start in range(0, len(cell_rows), step):
-        r, c = cell_rows[start : start + step], cell_cols[start : start + step]
-        # Each cell's output rows and columns, padded to the tallest and widest by repeating its last one: the
-        # repeats compute and write the same pixel again, which costs less than masking them out.
-        ys = row_starts[r][:, None] + np.minimum(np.arange(tall), row_counts[r][:, None] - 1)
-        xs = col_starts[c][:, None] + np.minimum(np.arange(wide), col_counts[c][:, None] - 1)
+    for start in range(0, len(cell), step):
+        r, c = block_rows[start : start + step], block_cols[start : start + step]
+        # Each block's output rows and columns, padded to the longest run by repeating its last one: the repeats
+        # compute and write the same pixel again, which costs less than masking them out.
+        ys = row_runs.starts[r][:, None] + np.minimum(np.arange(tall), row_runs.lengths[r][:, None] - 1)
+        xs = col_runs.starts[c][:, None] + np.minimum(np.arange(wide), col_runs.lengths[c][:, None] - 1)
         mask[ys[:, :, None], xs[:, None, :]] = _interpolated_argmax(logits, rows, cols, ys, xs)
     return mask
 
@@ -375,8 +395,8 @@ def _uncertain_cells(logits: np.ndarray, low: np.ndarray) -> np.ndarray:
 
 
 def _interpolated_argmax(logits: np.ndarray, rows: _Taps, cols: _Taps, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
-    """The contract's argmax at output pixels ys (cells x tall) by xs (cells x wide), each cell's pixels sharing
-    its four corners: cells x tall x wide, uint8."""
+    """The contract's argmax at output pixels ys (blocks x tall) by xs (blocks x wide), each block's pixels sharing
+    their four corners: blocks x tall x wide, uint8."""
     top, left = rows.first[ys[:, 0]], cols.first[xs[:, 0]]
     bottom, right = rows.second[ys[:, 0]], cols.second[xs[:, 0]]
     keep_x, weight_x = cols.keep[xs], cols.weight[xs]
