@@ -308,14 +308,18 @@ def plot(result: dict, path: Path) -> None:
     figure, (throughput, latency) = plt.subplots(1, 2, figsize=(11, 4.2))
     trees = [(result, "", "-")] + ([(result["baseline"], " (baseline)", ":")] if "baseline" in result else [])
     for tree, suffix, style in trees:
-        for name, image in tree["images"].items():
-            c = [r["concurrency"] for r in image["rows"]]
+        for index, (name, image) in enumerate(tree["images"].items()):
+            line = {"marker": "o", "linestyle": style, "color": f"C{index}", "label": name + suffix}
             rows = image["rows"]
-            throughput.plot(c, [r["requests_per_s"] for r in rows], marker="o", linestyle=style, label=name + suffix)
-            latency.plot(c, [r["p99_ms"] for r in rows], marker="o", linestyle=style, label=name + suffix)
-    throughput.axhline(result["engine_alone"]["images_per_s"], color="grey", linestyle="--", label="engine alone")
+            c = [r["concurrency"] for r in rows]
+            throughput.plot(c, [r["requests_per_s"] for r in rows], **line)
+            latency.plot(c, [r["p99_ms"] for r in rows], **line)
+    for tree, suffix, style in trees:
+        throughput.axhline(tree["engine_alone"]["images_per_s"], color="grey", linestyle=style, label="engine alone"
+                           + suffix)
     for axis, title, unit in ((throughput, "throughput", "requests/s"), (latency, "p99 latency", "ms")):
         axis.set_xscale("log", base=2)
+        axis.set_yscale("log")  # 12 MP photos are served a hundred times slower than 500x375 ones
         axis.set_xlabel("concurrency (wrk connections)")
         axis.set_ylabel(unit)
         axis.set_title(title)

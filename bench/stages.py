@@ -1,6 +1,6 @@
-"""Median stage times of Segmenter.segment plus the PNG encode, for one source tree: compare two commits in one run.
+"""Median stage times of Segmenter.segment plus the PNG encode, for one source tree and its default model.
 
-    git worktree add /tmp/before 29dc184 && cp segapp/models/* /tmp/before/segapp/models/
+    git worktree add --detach /tmp/before 17d6509
     .venv/bin/python -m bench.stages /tmp/before; .venv/bin/python -m bench.stages .
 """
 
@@ -15,15 +15,15 @@ from pathlib import Path
 
 def main(argv=None) -> int:
     tree = Path((argv or sys.argv[1:] or ["."])[0]).resolve()
+    from bench.engine_alone import use_tree
     from bench.images import make_image  # the images, from this checkout
 
-    sys.path.insert(0, str(tree))
-    for name in [m for m in sys.modules if m == "segapp" or m.startswith("segapp.")]:
-        del sys.modules[name]  # measure the tree's own segapp, not this checkout's
+    use_tree(tree)  # measure the tree's own segapp, not this checkout's
+    from segapp.config import Settings
     from segapp.imaging import mask_to_png
     from segapp.inference import Segmenter
 
-    segmenter = Segmenter(tree / "segapp" / "models" / "unet.tflite").load()
+    segmenter = Segmenter(Settings().model).load()  # the tree's default model
     for size in ((500, 375), (1920, 1080), (4032, 3024)):
         with tempfile.TemporaryDirectory() as scratch:
             data = make_image(Path(scratch), *size).read_bytes()
