@@ -108,11 +108,14 @@ def test_chain_reload_swaps_the_model_without_a_failed_request(stack_factory, jp
         # The swap an operator makes: repoint the symlink atomically, then touch the reload file.
         (models / "next").symlink_to(models / "v2", target_is_directory=True)
         os.replace(models / "next", current)
-        (stack.run_dir / "reload").touch()
+        touch_in_a_later_second(stack.run_dir / "reload")
         deadline = time.monotonic() + 120
         while set(stack.worker_pids()) & old_pids or not all(w["apps"] for w in stack.stats()["workers"]):
-            assert time.monotonic() < deadline, f"workers not all replaced: {stack.stats()['workers']}"
+            assert time.monotonic() < deadline, (
+                f"workers not all replaced: {stack.stats()['workers']}\n{stack.log()[-3000:]}"
+            )
             time.sleep(0.2)
+        assert "chain reload" in stack.log()
         stream.wait_for(10)
     versions = {stack.request("GET", "/v1/model").json()["version"] for _ in range(10)}
     shutil.rmtree(models, ignore_errors=True)
@@ -164,6 +167,14 @@ def test_sigterm_to_serve_drains_readiness_first_then_stops(jpeg):
     assert during == [200] * 6
     assert stopped_after >= 4, "uWSGI was stopped before the drain was over"
     print(f"\ndrain: /readyz 503, 6 of 6 requests served; stopped {stopped_after:.1f} s after SIGTERM")
+
+
+def touch_in_a_later_second(path: Path) -> None:
+    """Touch `path` so that its mtime's whole second is later than before: uWSGI compares touch files' mtimes in
+    whole seconds, so a touch within the second of the last one (uWSGI's own, at start) goes unseen."""
+    while int(time.time()) <= int(path.stat().st_mtime):
+        time.sleep(0.05)
+    path.touch()
 
 
 def _readable_dir() -> Path:
