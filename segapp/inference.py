@@ -315,6 +315,16 @@ class _Taps:
         return _Runs(first, runs, run_starts, np.minimum(longest, starts[owner] + counts[owner] - run_starts), longest)
 
 
+@functools.lru_cache(maxsize=64)
+def _axis(out: int, source: int) -> tuple[_Taps, _Runs]:
+    """The taps and runs of one axis, kept for the next image of the same size (read only)."""
+    taps = _Taps.along(out, source)
+    runs = taps.runs(source)
+    for array in (*vars(taps).values(), *runs[:4]):
+        array.flags.writeable = False
+    return taps, runs
+
+
 class _Runs(NamedTuple):
     first: np.ndarray  # per source index: its first run
     count: np.ndarray  # per source index: how many runs
@@ -343,10 +353,9 @@ def upsample_argmax(logits: np.ndarray, width: int, height: int) -> np.ndarray:
     source_h, source_w, _ = logits.shape
     if (source_w, source_h) == (width, height):
         return low
-    rows, cols = _Taps.along(height, source_h), _Taps.along(width, source_w)
+    (rows, row_runs), (cols, col_runs) = _axis(height, source_h), _axis(width, source_w)
     mask = low.take(cols.first, axis=1).take(rows.first, axis=0)
 
-    row_runs, col_runs = rows.runs(source_h), cols.runs(source_w)
     uncertain = _uncertain_cells(logits, low) & (row_runs.count[:, None] > 0) & (col_runs.count[None, :] > 0)
     cell_rows, cell_cols = np.nonzero(uncertain)
     # Each uncertain cell in blocks, one per pair of its row and column runs (one block but at the edges).
