@@ -369,11 +369,12 @@ def upsample_argmax(logits: np.ndarray, width: int, height: int) -> np.ndarray:
     step = max(1, _INTERPOLATED_PER_CHUNK // (tall * wide))
     for start in range(0, len(cell), step):
         r, c = block_rows[start : start + step], block_cols[start : start + step]
-        # Each block's output rows and columns, padded to the longest run by repeating its last one: the repeats
-        # compute and write the same pixel again, which costs less than masking them out.
-        ys = row_runs.starts[r][:, None] + np.minimum(np.arange(tall), row_runs.lengths[r][:, None] - 1)
-        xs = col_runs.starts[c][:, None] + np.minimum(np.arange(wide), col_runs.lengths[c][:, None] - 1)
-        mask[ys[:, :, None], xs[:, None, :]] = _interpolated_argmax(logits, rows, cols, ys, xs)
+        # Each block's output rows (tall x blocks) and columns (wide x blocks), padded to the longest run by
+        # repeating its last one: the repeats compute and write the same pixel again, which costs less than
+        # masking them out. Blocks run along the last axis, so NumPy's inner loops are long.
+        ys = row_runs.starts[r] + np.minimum(np.arange(tall)[:, None], row_runs.lengths[r] - 1)
+        xs = col_runs.starts[c] + np.minimum(np.arange(wide)[:, None], col_runs.lengths[c] - 1)
+        mask[ys[:, None, :], xs[None, :, :]] = _interpolated_argmax(logits, rows, cols, ys, xs)
     return mask
 
 
@@ -404,23 +405,24 @@ def _uncertain_cells(logits: np.ndarray, low: np.ndarray) -> np.ndarray:
 
 
 def _interpolated_argmax(logits: np.ndarray, rows: _Taps, cols: _Taps, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
-    """The contract's argmax at output pixels ys (blocks x tall) by xs (blocks x wide), each block's pixels sharing
-    their four corners: blocks x tall x wide, uint8."""
-    top, left = rows.first[ys[:, 0]], cols.first[xs[:, 0]]
-    bottom, right = rows.second[ys[:, 0]], cols.second[xs[:, 0]]
+    """The contract's argmax at output pixels ys (tall x blocks) by xs (wide x blocks), each block's pixels sharing
+    their four corners: tall x wide x blocks, uint8."""
+    top, left = rows.first[ys[0]], cols.first[xs[0]]
+    bottom, right = rows.second[ys[0]], cols.second[xs[0]]
     keep_x, weight_x = cols.keep[xs], cols.weight[xs]
-    keep_y, weight_y = rows.keep[ys][:, :, None], rows.weight[ys][:, :, None]
+    keep_y, weight_y = rows.keep[ys][:, None, :], rows.weight[ys][:, None, :]
     best = index = None
     for k in range(logits.shape[-1]):
         plane = logits[..., k]
-        upper = plane[top, left][:, None] * keep_x + plane[top, right][:, None] * weight_x
-        lower = plane[bottom, left][:, None] * keep_x + plane[bottom, right][:, None] * weight_x
-        value = upper[:, None, :] * keep_y + lower[:, None, :] * weight_y
+        upper = plane[top, left] * keep_x + plane[top, right] * weight_x
+        lower = plane[bottom, left] * keep_x + plane[bottom, right] * weight_x
+        value = upper * keep_y + lower * weight_y
         if best is None:
             best, index = value, np.zeros(value.shape, dtype=np.uint8)
         else:
             np.copyto(index, np.uint8(k), where=value > best)
-            np.maximum(best, value, out=best)
+            if k < logits.shape[-1] - 1:
+                np.maximum(best, value, out=best)
     return index
 
 
