@@ -13,6 +13,7 @@ import contextlib
 import http.client
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -36,9 +37,16 @@ class StackError(RuntimeError):
 
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A free loopback port below Linux's ephemeral range (32768-60999): polling a port of that range before its
+    server listens can connect the client to itself (TCP simultaneous open), which then reads back its own request."""
+    while True:
+        port = random.randint(20000, 32767)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 @dataclass
@@ -117,8 +125,12 @@ class Stack(Endpoint):
         try:
             stack.wait_ready(timeout)
         except BaseException:
-            with contextlib.suppress(StackError):
+            try:
                 stack.stop()
+            except Exception:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=30)
             raise
         stack.ready_s = time.perf_counter() - started
         return stack
@@ -184,7 +196,7 @@ class Stack(Endpoint):
                     worker["apps"] for worker in self.workers()
                 ):
                     return
-            except (OSError, ValueError):
+            except (OSError, ValueError, http.client.HTTPException):
                 pass
             time.sleep(0.02)
         raise StackError(f"/readyz did not answer 200 within {timeout} s:\n{self.log()[-4000:]}")
