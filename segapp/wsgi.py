@@ -50,19 +50,6 @@ _READ_METHODS = ("GET", "HEAD")
 _V2_MODEL = r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?"
 
 
-class _NotCounted:
-    """A gauge that counts nothing."""
-
-    def inc(self) -> None:
-        pass
-
-    def dec(self) -> None:
-        pass
-
-
-_NOT_COUNTED = _NotCounted()
-
-
 class SegmentationApp:
     """The WSGI callable. `__call__` builds a `webob.Request`, `dispatch` finds the `on_<endpoint>` handler.
 
@@ -101,8 +88,9 @@ class SegmentationApp:
         request = Request(environ)
         request_id = request_id_for(environ.get("HTTP_X_REQUEST_ID"))
         # A scrape does not count itself: an idle server reads 0 requests in flight.
-        in_flight = self.metrics.in_flight if request.path_info != "/metrics" else _NOT_COUNTED
-        in_flight.inc()
+        counted = request.path_info != "/metrics"
+        if counted:
+            self.metrics.in_flight.inc()
         try:
             response = self.dispatch(request)
         except HTTPException as error:
@@ -112,7 +100,8 @@ class SegmentationApp:
             error = HTTPInternalServerError(detail="unexpected error; see the server log")
             response = self.render_error(request, error, request_id)
         finally:
-            in_flight.dec()
+            if counted:
+                self.metrics.in_flight.dec()
         # A worker that answers with the body unread closes a socket holding data, which resets it; nginx can then
         # lose the answer and send 502 (1 in 10,000 fuzzed requests). Whatever the route, read what is left, bounded.
         discard_body(environ, self.settings.max_body_bytes)
