@@ -16,8 +16,8 @@ BENCH_ARGS ?=
 
 .PHONY: venv nginx wrk chromium docker kubectl image serve test train eval bench lint clean
 
-# The venv is rebuilt when the package's requirements change.
-$(BIN)/.installed-$(EXTRAS): setup.cfg pyproject.toml
+# The venv is rebuilt when the package's requirements or its compiled module (segapp/_upsampling.c) change.
+$(BIN)/.installed-$(EXTRAS): setup.cfg pyproject.toml setup.py segapp/_upsampling.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
@@ -88,4 +88,4 @@ lint: venv
 	$(BIN)/ruff check segapp tests bench
 
 clean:
-	rm -rf $(VENV) run .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) run .pytest_cache .ruff_cache build *.egg-info segapp/*.so

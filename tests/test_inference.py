@@ -2,15 +2,11 @@
 shipped int8 model agrees with it."""
 
 import io
-import math
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from hypothesis.extra.numpy import arrays
 from PIL import Image
 
 from segapp import scenes
@@ -23,7 +19,6 @@ from segapp.inference import (
     Segmentation,
     Segmenter,
     make_engine,
-    upsample_argmax,
 )
 
 
@@ -128,20 +123,6 @@ def test_engine_is_chosen_by_file(tmp_path):
         make_engine(tmp_path / "model.onnx")
 
 
-def test_upsampled_edges_follow_the_logits_not_a_staircase():
-    # A diagonal boundary at 128 px, upsampled ten times. Bilinear interpolation of these linear logits is exact,
-    # so class 0 starts at the first pixel whose centre is right of the line (never within 0.005 px of a pixel
-    # centre on these rows, far beyond float32 rounding); upsampling the 128-px argmax would make 10-px steps.
-    yy, xx = np.mgrid[0:128, 0:128].astype(np.float32) + 0.5
-    distance = (xx - yy * 0.37 - 30) / 4
-    logits = np.stack([distance, -distance, np.zeros_like(distance) - 5], axis=-1)
-    mask = upsample_argmax(logits, 1280, 1280)
-    assert np.array_equal(mask, reference_upsample_argmax(logits, 1280, 1280))
-    for row in range(0, 1280, 37):
-        source_y = min(max((row + 0.5) / 10, 0.5), 127.5)  # the row's centre on the 128-px grid, edges clamped
-        assert int(np.argmax(mask[row] == 0)) == math.ceil((source_y * 0.37 + 30) * 10 - 0.5), row
-
-
 # --- classes come from the model card -------------------------------------------------------------------------
 
 FOUR = (["sky", "road", "car", "person"], [[0, 0, 255], [128, 128, 128], [255, 0, 0], [0, 255, 0]])
@@ -191,72 +172,3 @@ def test_model_without_a_card_must_have_the_default_three_classes(segmenter_with
     assert segmenter_with_classes(3, None).card["classes"] == ["foreground", "background", "border"]
     with pytest.raises(ModelCardError, match="it has no card.*names 3 classes.*outputs 5"):
         segmenter_with_classes(5, None)
-
-
-# --- the mask is exactly the argmax of the bilinearly upsampled logits ------------------------------------------
-
-
-def upsampled_planes(logits: np.ndarray, width: int, height: int) -> np.ndarray:
-    """The contract's interpolation in plain NumPy, every pixel computed: each class plane (classes x height x
-    width) upsampled bilinearly with half-pixel centres and clamped edges in float32, horizontally then
-    vertically."""
-
-    def taps(out, source):
-        position = np.clip((np.arange(out) + 0.5) * (source / out) - 0.5, 0, source - 1).astype(np.float32)
-        first = np.floor(position).astype(np.intp)
-        weight = (position - first).astype(np.float32)
-        return first, np.minimum(first + 1, source - 1), np.float32(1) - weight, weight
-
-    top, bottom, keep_y, weight_y = taps(height, logits.shape[0])
-    left, right, keep_x, weight_x = taps(width, logits.shape[1])
-    planes = []
-    for k in range(logits.shape[-1]):
-        plane = logits[:, :, k].astype(np.float32)
-        across = plane[:, left] * keep_x + plane[:, right] * weight_x
-        planes.append(across[top] * keep_y[:, None] + across[bottom] * weight_y[:, None])
-    return np.stack(planes)
-
-
-def reference_upsample_argmax(logits: np.ndarray, width: int, height: int) -> np.ndarray:
-    """The contract: the argmax of `upsampled_planes`, ties to the lower class."""
-    return np.argmax(upsampled_planes(logits, width, height), axis=0).astype(np.uint8)
-
-
-@st.composite
-def logit_fields(draw):
-    """Logits for 1-4 classes on a small grid: random values, ties and near ties a few float32 steps apart (at
-    several magnitudes, so the step is small or large next to the largest logit), mixed."""
-    height, width, classes = draw(st.integers(1, 10)), draw(st.integers(1, 10)), draw(st.integers(1, 4))
-    shape = (height, width, classes)
-    free = draw(arrays(np.float32, shape, elements=st.floats(-60, 60, width=32)))
-    base = np.float32(draw(st.sampled_from([0.0, 1e-3, 0.7, 1.0, 3.0, 40.0, -40.0, 3e4])))
-    pixel_base = draw(arrays(np.float32, (height, width, 1), elements=st.sampled_from([0.0, 1.0, -1.0])))
-    steps = draw(arrays(np.int8, shape, elements=st.integers(-3, 3)))
-    spacing = np.spacing(np.maximum(np.abs(base), np.float32(1e-30)))
-    near = (base + pixel_base * base + steps.astype(np.float32) * spacing).astype(np.float32)
-    mix = draw(arrays(np.bool_, shape))
-    return np.where(mix, free, near).astype(np.float32)
-
-
-@settings(max_examples=400, deadline=None)
-@given(logits=logit_fields(), width=st.integers(1, 70), height=st.integers(1, 70))
-def test_mask_is_exactly_the_argmax_of_the_bilinearly_upsampled_logits(logits, width, height):
-    assert np.array_equal(upsample_argmax(logits, width, height), reference_upsample_argmax(logits, width, height))
-
-
-def test_mask_is_exact_on_the_shipped_models_logits(segmenter):
-    for index, size in enumerate(((500, 375), (1920, 1080), (97, 61), (4032, 3024))):
-        image, _ = scenes.scene(scenes.SPLIT_SEEDS["test"], 300 + index, size=(128, 128))
-        logits = segmenter.predict_logits(image)
-        assert np.array_equal(upsample_argmax(logits, *size), reference_upsample_argmax(logits, *size)), size
-
-
-@settings(max_examples=50, deadline=None)
-@given(plane=arrays(np.float32, (6, 5), elements=st.floats(-60, 60, width=32)), width=st.integers(5, 40),
-       height=st.integers(6, 40))
-def test_the_upsampling_is_pillows_bilinear_resize(plane, width, height):
-    # When upscaling, the contract's interpolation is Pillow's BILINEAR resize of a float32 image; Pillow sums in
-    # double precision, so the values agree to float32 rounding (masks are compared exactly above).
-    pillow = np.asarray(Image.fromarray(plane, "F").resize((width, height), Image.BILINEAR))
-    ours = upsampled_planes(plane[:, :, None], width, height)[0]
-    np.testing.assert_allclose(ours, pillow, rtol=0, atol=1e-5 * (float(np.abs(plane).max()) + 1))

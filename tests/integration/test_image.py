@@ -60,6 +60,9 @@ def test_hardened_container_serves_as_an_unprivileged_user(docker, image, record
     # Every process of the tree (uWSGI master, workers, nginx master and workers) runs as the user given.
     users = {line.split()[1] for line in docker("top", container, "-eo", "pid,uid,args").stdout.splitlines()[1:]}
     assert users == {"12345"}
+    # The image's segapp upsamples masks with its compiled module (in the wheel deploy/build-image makes).
+    compiled = "from segapp import upsampling; print(upsampling.COMPILED)"
+    assert docker("exec", container, "/opt/segapp/venv/bin/python", "-c", compiled).stdout.strip() == "True"
     rss = [worker["rss"] // 2**20 for worker in worker_stats(docker, container)]
     size = docker.json("image", "inspect", image)[0]["Size"] // 10**6
     record_property("image", f"{size} MB, ready in {ready_s:.2f} s, worker RSS {rss} MB")

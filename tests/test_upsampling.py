@@ -1,0 +1,159 @@
+"""The mask is exactly the argmax of the bilinearly upsampled logits, by the compiled module and by NumPy alike."""
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from PIL import Image
+
+from segapp import scenes, upsampling
+from segapp.inference import SHIPPED_MODEL, Segmenter
+from segapp.upsampling import upsample_argmax
+
+# Every contract test runs on both paths: segapp/_upsampling.c and the NumPy fallback.
+PATHS = pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
+
+
+def test_the_compiled_module_was_built():
+    # setup.py builds it where a C compiler is (make test's machines and the image's builder): without it,
+    # the service silently upsamples at a third of the speed.
+    assert upsampling.COMPILED
+
+
+@PATHS
+def test_upsampled_edges_follow_the_logits_not_a_staircase(compiled):
+    # A diagonal boundary at 128 px, upsampled ten times. Bilinear interpolation of these linear logits is exact,
+    # so class 0 starts at the first pixel whose centre is right of the line (never within 0.005 px of a pixel
+    # centre on these rows, far beyond float32 rounding); upsampling the 128-px argmax would make 10-px steps.
+    yy, xx = np.mgrid[0:128, 0:128].astype(np.float32) + 0.5
+    distance = (xx - yy * 0.37 - 30) / 4
+    logits = np.stack([distance, -distance, np.zeros_like(distance) - 5], axis=-1)
+    mask = upsample_argmax(logits, 1280, 1280, compiled=compiled)
+    assert np.array_equal(mask, reference_upsample_argmax(logits, 1280, 1280))
+    for row in range(0, 1280, 37):
+        source_y = min(max((row + 0.5) / 10, 0.5), 127.5)  # the row's centre on the 128-px grid, edges clamped
+        assert int(np.argmax(mask[row] == 0)) == math.ceil((source_y * 0.37 + 30) * 10 - 0.5), row
+
+
+def upsampled_planes(logits: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The contract's interpolation in plain NumPy, every pixel computed: each class plane (classes x height x
+    width) upsampled bilinearly with half-pixel centres and clamped edges in float32, horizontally then
+    vertically."""
+
+    def taps(out, source):
+        position = np.clip((np.arange(out) + 0.5) * (source / out) - 0.5, 0, source - 1).astype(np.float32)
+        first = np.floor(position).astype(np.intp)
+        weight = (position - first).astype(np.float32)
+        return first, np.minimum(first + 1, source - 1), np.float32(1) - weight, weight
+
+    top, bottom, keep_y, weight_y = taps(height, logits.shape[0])
+    left, right, keep_x, weight_x = taps(width, logits.shape[1])
+    planes = []
+    for k in range(logits.shape[-1]):
+        plane = logits[:, :, k].astype(np.float32)
+        across = plane[:, left] * keep_x + plane[:, right] * weight_x
+        planes.append(across[top] * keep_y[:, None] + across[bottom] * weight_y[:, None])
+    return np.stack(planes)
+
+
+def reference_upsample_argmax(logits: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The contract: the argmax of `upsampled_planes`, ties to the lower class."""
+    return np.argmax(upsampled_planes(logits, width, height), axis=0).astype(np.uint8)
+
+
+@st.composite
+def logit_fields(draw):
+    """Logits for 1-4 classes on a small grid: random values, ties and near ties a few float32 steps apart (at
+    several magnitudes, so the step is small or large next to the largest logit), mixed."""
+    height, width, classes = draw(st.integers(1, 10)), draw(st.integers(1, 10)), draw(st.integers(1, 4))
+    shape = (height, width, classes)
+    free = draw(arrays(np.float32, shape, elements=st.floats(-60, 60, width=32)))
+    base = np.float32(draw(st.sampled_from([0.0, 1e-3, 0.7, 1.0, 3.0, 40.0, -40.0, 3e4])))
+    pixel_base = draw(arrays(np.float32, (height, width, 1), elements=st.sampled_from([0.0, 1.0, -1.0])))
+    steps = draw(arrays(np.int8, shape, elements=st.integers(-3, 3)))
+    spacing = np.spacing(np.maximum(np.abs(base), np.float32(1e-30)))
+    near = (base + pixel_base * base + steps.astype(np.float32) * spacing).astype(np.float32)
+    mix = draw(arrays(np.bool_, shape))
+    return np.where(mix, free, near).astype(np.float32)
+
+
+@PATHS
+@settings(max_examples=400, deadline=None)
+@given(logits=logit_fields(), width=st.integers(1, 70), height=st.integers(1, 70))
+def test_mask_is_exactly_the_argmax_of_the_bilinearly_upsampled_logits(compiled, logits, width, height):
+    mask = upsample_argmax(logits, width, height, compiled=compiled)
+    assert np.array_equal(mask, reference_upsample_argmax(logits, width, height))
+
+
+@PATHS
+def test_mask_is_exact_on_the_shipped_models_logits(compiled):
+    segmenter = Segmenter(SHIPPED_MODEL).load()
+    for index, size in enumerate(((500, 375), (1920, 1080), (97, 61), (4032, 3024))):
+        image, _ = scenes.scene(scenes.SPLIT_SEEDS["test"], 300 + index, size=(128, 128))
+        logits = segmenter.predict_logits(image)
+        mask = upsample_argmax(logits, *size, compiled=compiled)
+        assert np.array_equal(mask, reference_upsample_argmax(logits, *size)), size
+
+
+@settings(max_examples=50, deadline=None)
+@given(plane=arrays(np.float32, (6, 5), elements=st.floats(-60, 60, width=32)), width=st.integers(5, 40),
+       height=st.integers(6, 40))
+def test_the_upsampling_is_pillows_bilinear_resize(plane, width, height):
+    # When upscaling, the contract's interpolation is Pillow's BILINEAR resize of a float32 image; Pillow sums in
+    # double precision, so the values agree to float32 rounding (masks are compared exactly above).
+    pillow = np.asarray(Image.fromarray(plane, "F").resize((width, height), Image.BILINEAR))
+    ours = upsampled_planes(plane[:, :, None], width, height)[0]
+    np.testing.assert_allclose(ours, pillow, rtol=0, atol=1e-5 * (float(np.abs(plane).max()) + 1))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    logits=arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(1, 6), st.integers(1, 4)),
+                  elements=st.floats(width=32, allow_nan=True, allow_infinity=True)),
+    width=st.integers(1, 30), height=st.integers(1, 30),
+)
+def test_both_paths_agree_on_any_logits_nan_and_infinities_included(logits, width, height):
+    with np.errstate(invalid="ignore", over="ignore"):  # inf * 0 and inf - inf: NaN, as in C
+        numpy = upsample_argmax(logits, width, height, compiled=False)
+    assert np.array_equal(upsample_argmax(logits, width, height, compiled=True), numpy)
+
+
+def test_the_compiled_module_refuses_arrays_that_do_not_fit_rather_than_read_past_them():
+    taps = upsampling._axis(5, 4)[0]
+    good = (np.zeros((5, 5), np.uint8), np.zeros((4, 4, 3), np.float32), False, 0.0,
+            taps.first, taps.second, taps.keep, taps.weight, taps.first, taps.second, taps.keep, taps.weight)
+    upsampling._upsampling.upsample_argmax(*good)
+    for index, wrong in ((0, np.zeros((6, 5), np.uint8)), (0, np.zeros((5, 5), np.int32)),
+                         (1, np.zeros((3, 4, 3), np.float32)), (1, np.zeros((4, 4, 3), np.float64)),
+                         (1, np.zeros((4, 8, 3), np.float32)[:, ::2]), (4, taps.first[:4]),
+                         (5, np.full(5, 4, np.intp)), (6, taps.first[::-1].copy())):
+        with pytest.raises(ValueError):
+            upsampling._upsampling.upsample_argmax(*good[:index], wrong, *good[index + 1 :])
+
+
+def test_without_the_compiled_module_numpy_upsamples_to_the_same_mask(tmp_path):
+    # As where setup.py could not build it: the import finds no module, and the service still runs.
+    code = """if True:
+        import sys
+        sys.modules["segapp._upsampling"] = None
+        import numpy as np
+        from segapp import upsampling
+        logits = np.random.default_rng(0).normal(size=(32, 32, 3)).astype(np.float32)
+        np.save(sys.argv[1], upsampling.upsample_argmax(logits, 90, 70))
+        print(upsampling.COMPILED)
+        try:
+            upsampling.upsample_argmax(logits, 90, 70, compiled=True)
+        except RuntimeError as error:
+            print(error)
+    """
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "mask.npy")], capture_output=True, text=True,
+                         check=True)
+    compiled, refusal = run.stdout.splitlines()
+    assert compiled == "False" and "not built" in refusal
+    logits = np.random.default_rng(0).normal(size=(32, 32, 3)).astype(np.float32)
+    assert np.array_equal(np.load(tmp_path / "mask.npy"), upsample_argmax(logits, 90, 70, compiled=True))
