@@ -106,11 +106,12 @@ def main(argv=None) -> int:
     import numpy as np
 
     from bench.images import make_image
-    from bench.run import machine
+    from bench.run import build_compiled, machine
 
     trees = {"new": ROOT}
     if args.baseline:
         trees = {"baseline": Path(args.baseline).resolve(), **trees}
+        build_compiled(trees["baseline"])
     print(json.dumps(machine()))
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)

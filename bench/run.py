@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -56,11 +57,21 @@ def revision(tree: Path) -> dict:
     return {"root": str(tree), "commit": git("rev-parse", "HEAD", tree=tree), "dirty": dirty}
 
 
+def build_compiled(tree: Path) -> None:
+    """Build `tree`'s compiled modules in place (setup.py's extensions), as the editable install builds this
+    checkout's: a baseline tree without them would be measured on its NumPy fallback."""
+    if (tree / "setup.py").exists():
+        subprocess.run([sys.executable, "setup.py", "--quiet", "build_ext", "--inplace"], cwd=tree, check=True,
+                       capture_output=True)
+
+
 @contextlib.contextmanager
 def worktree(ref: str, path: Path):
-    """`ref` checked out at `path` as a detached git worktree of this checkout; removed afterwards."""
+    """`ref` checked out at `path` as a detached git worktree of this checkout, its compiled modules built; removed
+    afterwards."""
     git("worktree", "add", "--detach", "--quiet", str(path), ref)
     try:
+        build_compiled(path)
         yield path
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)], check=False)

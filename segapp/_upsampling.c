@@ -2,19 +2,52 @@
  * path, which stays as the fallback (tests/test_upsampling.py checks that both agree with a plain reference).
  *
  * Built with -ffp-contract=off (setup.py): every product and sum is rounded to float32 on its own, as NumPy does;
- * a fused multiply-add would change the last bit of a near tie and so the mask.
+ * a fused multiply-add would change the last bit of a near tie and so the mask. The taps are computed as they are
+ * needed, so the memory used beyond the mask is two bytes a source pixel, whatever the output's shape.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
+/* An axis: `out` output pixels from `source` pixels, and source / out in float64, as NumPy divides it. */
 typedef struct {
-    const Py_ssize_t *first, *second;
-    const float *keep, *weight;
     Py_ssize_t out, source;
-} Taps;
+    double scale;
+} Axis;
+
+static Axis
+axis(Py_ssize_t out, Py_ssize_t source)
+{
+    Axis a = {out, source, (double)source / (double)out};
+    return a;
+}
+
+/* One output index's bilinear taps along an axis: segapp.upsampling._Taps, computed the same way. */
+typedef struct {
+    Py_ssize_t first, second;
+    float keep, weight;
+} Tap;
+
+static inline Tap
+tap(const Axis *a, Py_ssize_t o)
+{
+    /* float64 position, clamped, then rounded to float32: NumPy's (arange(out) + 0.5) * (source / out) - 0.5 */
+    const Py_ssize_t source = a->source;
+    double position = ((double)o + 0.5) * a->scale - 0.5;
+    if (position < 0.0) {
+        position = 0.0;
+    } else if (position > (double)(source - 1)) {
+        position = (double)(source - 1);
+    }
+    const float rounded = (float)position;
+    Tap t;
+    t.first = (Py_ssize_t)rounded;
+    t.second = t.first + 1 < source ? t.first + 1 : source - 1;
+    t.weight = rounded - (float)t.first;
+    t.keep = 1.0f - t.weight;
+    return t;
+}
 
 /* low: the argmax of each source pixel. certain: cells whose four corners share a class that beats every lower
  * class by `margin`, where every output pixel has that class (see upsample_argmax's docstring). */
@@ -73,19 +106,31 @@ vertical_argmax(const float *upper, const float *lower, Py_ssize_t classes, floa
     return index;
 }
 
+/* Rows of a band whose taps are worked out once for all its columns; longer bands (the clamped edges of a tall
+ * image) compute the rest as they go. */
+#define BAND_ROWS 256
+
 /* The mask, one band of output rows at a time: the rows whose first tap is source row r. Its first row is the
  * low-resolution classes along the row, the others copies; then in each uncertain cell every pixel is computed,
- * the horizontal pass once per column for the whole band. */
+ * the horizontal pass once per column for the whole band. span_start/span_end: the output columns whose first tap
+ * is each source column (one run each, as the firsts never decrease). */
 static void
-fill(uint8_t *mask, const float *logits, Py_ssize_t source_w, Py_ssize_t classes, const uint8_t *low,
-     const uint8_t *certain, const Taps *rows, const Taps *cols, const Py_ssize_t *span_start,
-     const Py_ssize_t *span_end)
+fill(uint8_t *mask, const Axis *rows, const Axis *cols, const float *logits, Py_ssize_t classes,
+     const uint8_t *low, const uint8_t *certain, const Py_ssize_t *span_start, const Py_ssize_t *span_end)
 {
-    const Py_ssize_t width = cols->out;
+    const Py_ssize_t height = rows->out, width = cols->out, source_w = cols->source;
     float upper[256], lower[256];
-    for (Py_ssize_t band = 0, next; band < rows->out; band = next) {
-        const Py_ssize_t r = rows->first[band], below = rows->second[band];
-        for (next = band + 1; next < rows->out && rows->first[next] == r; next++) {
+    Tap band_taps[BAND_ROWS];
+    Py_ssize_t band = 0;
+    while (band < height) {
+        const Tap row = tap(rows, band);
+        const Py_ssize_t r = row.first;
+        Py_ssize_t next = band + 1;
+        band_taps[0] = row;
+        for (Tap t; next < height && (t = tap(rows, next)).first == r; next++) {
+            if (next - band < BAND_ROWS) {
+                band_taps[next - band] = t;
+            }
         }
         uint8_t *first_row = mask + band * width;
         for (Py_ssize_t c = 0; c < source_w; c++) {
@@ -101,19 +146,22 @@ fill(uint8_t *mask, const float *logits, Py_ssize_t source_w, Py_ssize_t classes
                 continue;
             }
             for (Py_ssize_t x = span_start[c]; x < span_end[c]; x++) {
-                const float *tl = logits + (r * source_w + cols->first[x]) * classes;
-                const float *tr = logits + (r * source_w + cols->second[x]) * classes;
-                const float *bl = logits + (below * source_w + cols->first[x]) * classes;
-                const float *br = logits + (below * source_w + cols->second[x]) * classes;
+                const Tap column = tap(cols, x);
+                const float *tl = logits + (r * source_w + column.first) * classes;
+                const float *tr = logits + (r * source_w + column.second) * classes;
+                const float *bl = logits + (row.second * source_w + column.first) * classes;
+                const float *br = logits + (row.second * source_w + column.second) * classes;
                 for (Py_ssize_t k = 0; k < classes; k++) {
-                    upper[k] = tl[k] * cols->keep[x] + tr[k] * cols->weight[x];
-                    lower[k] = bl[k] * cols->keep[x] + br[k] * cols->weight[x];
+                    upper[k] = tl[k] * column.keep + tr[k] * column.weight;
+                    lower[k] = bl[k] * column.keep + br[k] * column.weight;
                 }
                 for (Py_ssize_t y = band; y < next; y++) {
-                    mask[y * width + x] = vertical_argmax(upper, lower, classes, rows->keep[y], rows->weight[y]);
+                    const Tap at = y - band < BAND_ROWS ? band_taps[y - band] : tap(rows, y);
+                    mask[y * width + x] = vertical_argmax(upper, lower, classes, at.keep, at.weight);
                 }
             }
         }
+        band = next;
     }
 }
 
@@ -132,77 +180,38 @@ take_buffer(PyObject *object, Py_buffer *view, int ndim, Py_ssize_t itemsize, in
     return 0;
 }
 
-/* One axis's taps from four buffers of `out` items: first <= second < source, the firsts never decreasing. */
-static int
-check_taps(Taps *taps, const Py_buffer *views, const char *axis)
-{
-    for (int i = 0; i < 4; i++) {
-        if (views[i].shape[0] != taps->out) {
-            PyErr_Format(PyExc_ValueError, "%s taps: expected %zd of each", axis, taps->out);
-            return -1;
-        }
-    }
-    taps->first = views[0].buf;
-    taps->second = views[1].buf;
-    taps->keep = views[2].buf;
-    taps->weight = views[3].buf;
-    for (Py_ssize_t o = 0; o < taps->out; o++) {
-        if (taps->first[o] < 0 || taps->second[o] < taps->first[o] || taps->second[o] >= taps->source
-            || (o > 0 && taps->first[o] < taps->first[o - 1])) {
-            PyErr_Format(PyExc_ValueError, "%s taps out of order or out of range at %zd", axis, o);
-            return -1;
-        }
-    }
-    return 0;
-}
-
 PyDoc_STRVAR(upsample_argmax_doc,
-"upsample_argmax(mask, logits, everywhere, margin, rows_first, rows_second, rows_keep, rows_weight,\n"
-"                cols_first, cols_second, cols_keep, cols_weight)\n"
+"upsample_argmax(mask, logits, everywhere, margin)\n"
 "--\n\n"
-"Writes into `mask` (uint8, height x width) the argmax of `logits` (float32, source height x source width x\n"
-"classes) upsampled with each axis's taps (intp firsts and seconds, float32 weights), copying the low-resolution\n"
-"class in cells certain by `margin` unless `everywhere`. Arrays C-contiguous; see segapp.upsampling.");
+"Writes into `mask` (uint8, height x width, C order) the argmax of `logits` (float32, source height x source\n"
+"width x classes, C order) upsampled bilinearly, copying the low-resolution class in cells certain by `margin`\n"
+"unless `everywhere`. See segapp.upsampling.upsample_argmax.");
 
 static PyObject *
 upsample_argmax(PyObject *module, PyObject *args)
 {
-    PyObject *objects[10];
+    PyObject *mask_object, *logits_object;
     int everywhere;
     float margin;
-    if (!PyArg_ParseTuple(args, "OOpfOOOOOOOO", &objects[0], &objects[1], &everywhere, &margin, &objects[2],
-                          &objects[3], &objects[4], &objects[5], &objects[6], &objects[7], &objects[8],
-                          &objects[9])) {
+    if (!PyArg_ParseTuple(args, "OOpf", &mask_object, &logits_object, &everywhere, &margin)) {
         return NULL;
     }
-    static const char *names[10] = {"mask", "logits", "rows_first", "rows_second", "rows_keep", "rows_weight",
-                                    "cols_first", "cols_second", "cols_keep", "cols_weight"};
-    const int dimensions[10] = {2, 3, 1, 1, 1, 1, 1, 1, 1, 1};
-    const Py_ssize_t sizes[10] = {1, sizeof(float), sizeof(Py_ssize_t), sizeof(Py_ssize_t), sizeof(float),
-                                  sizeof(float), sizeof(Py_ssize_t), sizeof(Py_ssize_t), sizeof(float),
-                                  sizeof(float)};
-    Py_buffer views[10];
-    int taken = 0;
+    Py_buffer mask, logits;
+    if (take_buffer(mask_object, &mask, 2, 1, 1, "mask") < 0) {
+        return NULL;
+    }
+    if (take_buffer(logits_object, &logits, 3, sizeof(float), 0, "logits") < 0) {
+        PyBuffer_Release(&mask);
+        return NULL;
+    }
     PyObject *result = NULL;
     uint8_t *scratch = NULL;
     Py_ssize_t *spans = NULL;
-    Taps rows, cols;
-    for (; taken < 10; taken++) {
-        if (take_buffer(objects[taken], &views[taken], dimensions[taken], sizes[taken], taken == 0,
-                        names[taken]) < 0) {
-            goto done;
-        }
-    }
-    const Py_ssize_t source_h = views[1].shape[0], source_w = views[1].shape[1], classes = views[1].shape[2];
-    if (source_h < 1 || source_w < 1 || classes < 1 || classes > 256) {
-        PyErr_SetString(PyExc_ValueError, "logits must be at least 1 x 1 x 1, with at most 256 classes");
-        goto done;
-    }
-    rows.out = views[0].shape[0];
-    rows.source = source_h;
-    cols.out = views[0].shape[1];
-    cols.source = source_w;
-    if (check_taps(&rows, &views[2], "row") < 0 || check_taps(&cols, &views[6], "column") < 0) {
+    const Py_ssize_t height = mask.shape[0], width = mask.shape[1];
+    const Py_ssize_t source_h = logits.shape[0], source_w = logits.shape[1], classes = logits.shape[2];
+    if (logits.format == NULL || strcmp(logits.format, "f") != 0 || source_h < 1 || source_w < 1 || classes < 1
+        || classes > 256) {
+        PyErr_SetString(PyExc_ValueError, "logits: expected float32, at least 1 x 1 x 1, at most 256 classes");
         goto done;
     }
     scratch = PyMem_Malloc((size_t)(2 * source_h * source_w));
@@ -211,26 +220,27 @@ upsample_argmax(PyObject *module, PyObject *args)
         PyErr_NoMemory();
         goto done;
     }
-    /* The output columns whose first tap is each source column: one span each, as the firsts never decrease. */
-    for (Py_ssize_t x = cols.out - 1; x >= 0; x--) {
-        spans[cols.first[x]] = x;
-    }
-    for (Py_ssize_t x = 0; x < cols.out; x++) {
-        spans[source_w + cols.first[x]] = x + 1;
-    }
+    const Axis rows = axis(height, source_h), cols = axis(width, source_w);
     Py_BEGIN_ALLOW_THREADS
-    classify_cells(views[1].buf, source_h, source_w, classes, everywhere, margin, scratch,
+    for (Py_ssize_t x = 0, previous = -1; x < width; x++) {
+        const Py_ssize_t first = tap(&cols, x).first;
+        if (first != previous) {
+            spans[first] = x;
+            previous = first;
+        }
+        spans[source_w + first] = x + 1;
+    }
+    classify_cells(logits.buf, source_h, source_w, classes, everywhere, margin, scratch,
                    scratch + source_h * source_w);
-    fill(views[0].buf, views[1].buf, source_w, classes, scratch, scratch + source_h * source_w, &rows, &cols,
-         spans, spans + source_w);
+    fill(mask.buf, &rows, &cols, logits.buf, classes, scratch, scratch + source_h * source_w, spans,
+         spans + source_w);
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
     PyMem_Free(scratch);
     PyMem_Free(spans);
-    while (taken-- > 0) {
-        PyBuffer_Release(&views[taken]);
-    }
+    PyBuffer_Release(&logits);
+    PyBuffer_Release(&mask);
     return result;
 }
 

@@ -25,8 +25,11 @@ PALETTE = ((230, 25, 75), (0, 0, 0), (255, 225, 25))
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION_TAG = 0x0112
 
-# The longest side a JPEG (so an overlay) can have: libjpeg refuses more than 65,500 pixels.
-JPEG_MAX_SIDE = 65_500
+# The longest side of any image: a JPEG's limit (libjpeg refuses more), so every image can be answered as an overlay
+# too. It also bounds what one side costs: Pillow's resize to the network's input keeps 16 bytes of coefficients
+# per pixel of the longer side (a 40,000,000 x 1 PNG, a 116 KB body, would take 640 MB), and a tall image 8 bytes
+# of row pointers per row.
+MAX_SIDE = 65_500
 
 # Rows per band where a whole image is worked on in pieces: 256 rows of a 7,300-pixel-wide image are 7 MB as
 # RGB, so a band's temporaries stay small next to the image itself.
@@ -60,10 +63,6 @@ class ImageTooLargeError(ImageError):
     code = "image_too_large"
 
 
-class OverlayTooLargeError(ImageTooLargeError):
-    code = "overlay_too_large"
-
-
 @dataclass(frozen=True)
 class DecodedImage:
     """An RGB image and its full size after EXIF orientation.
@@ -82,12 +81,11 @@ class DecodedImage:
         return np.asarray(self.image)
 
 
-def decode_image(data: bytes, max_pixels: int, draft_size: int | None = None,
-                 max_side: int | None = None) -> DecodedImage:
+def decode_image(data: bytes, max_pixels: int, draft_size: int | None = None) -> DecodedImage:
     """Decode image bytes to RGB: EXIF orientation applied, first frame of an animation, any mode.
 
     Refuses, from its header and before decoding it, an image of more than `max_pixels` (a decompression bomb is
-    small on disk), a longer side than `max_side` when given, and a JPEG whose data cannot hold the frame its
+    small on disk), a side longer than MAX_SIDE, and a JPEG whose data cannot hold the frame its
     header declares; truncated or corrupt data is refused while decoding. With `draft_size`, a JPEG far larger
     than that is decoded at a reduced scale that still covers `draft_size` pixels on its short side, which
     costs a fraction of a full decode.
@@ -111,7 +109,7 @@ def decode_image(data: bytes, max_pixels: int, draft_size: int | None = None,
             raise UndecodableImageError("the body is not an image in a supported format") from exc
 
         width, height = image.size
-        _check_size(width, height, max_pixels, max_side)
+        _check_size(width, height, max_pixels)
         if image.format in ("JPEG", "MPO") and (shortfall := scan_shortfall(data)):
             raise UndecodableImageError(f"the image data is truncated or corrupt: {shortfall}")
 
@@ -125,7 +123,7 @@ def decode_image(data: bytes, max_pixels: int, draft_size: int | None = None,
             image.load()
             if image.size != (width, height) and image.format not in ("JPEG", "MPO"):
                 # A frame or icon larger than its header said (a draft JPEG is smaller on purpose).
-                _check_size(*image.size, max_pixels, max_side)
+                _check_size(*image.size, max_pixels)
             # In place: a copy would double the memory of a 40-megapixel image.
             ImageOps.exif_transpose(image, in_place=True)
             image = _to_rgb(image)
@@ -151,16 +149,13 @@ def _raised_in_pillow(error: BaseException) -> bool:
     return trace is not None and trace.tb_frame.f_globals.get("__name__", "").startswith("PIL.")
 
 
-def _check_size(width: int, height: int, max_pixels: int, max_side: int | None) -> None:
+def _check_size(width: int, height: int, max_pixels: int) -> None:
     if width < 1 or height < 1:
         raise UndecodableImageError("the image has no pixels")
     if width * height > max_pixels:
         raise ImageTooLargeError(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
-    if max_side and max(width, height) > max_side:
-        raise OverlayTooLargeError(
-            f"image is {width}x{height}; an overlay is a JPEG, which holds at most {max_side} pixels on a side: "
-            "ask for format=png or json instead"
-        )
+    if max(width, height) > MAX_SIDE:
+        raise ImageTooLargeError(f"image is {width}x{height}; a side may be at most {MAX_SIDE} pixels")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

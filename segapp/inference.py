@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from segapp import upsampling
-from segapp.imaging import CLASS_NAMES, JPEG_MAX_SIDE, PALETTE, decode_image, resize_pixels
+from segapp.imaging import CLASS_NAMES, PALETTE, decode_image, resize_pixels
 from segapp.upsampling import upsample_argmax
 
 log = logging.getLogger(__name__)
@@ -245,14 +245,12 @@ class Segmenter:
     def segment(self, data: bytes, full_pixels: bool = False) -> Segmentation:
         """Segment the image in `data`. Raises `segapp.imaging.ImageError` for bytes that are not a usable image.
 
-        With `full_pixels`, `Segmentation.image` is the image at full size, for an overlay (a JPEG, so an image
-        with a side over 65,500 pixels is refused from its header); otherwise a large JPEG is decoded at a
-        reduced scale, which is all the network needs.
+        With `full_pixels`, `Segmentation.image` is the image at full size, for an overlay; otherwise a large JPEG
+        is decoded at a reduced scale, which is all the network needs.
         """
         started = time.perf_counter()
         draft = None if full_pixels else self.input_size
-        max_side = JPEG_MAX_SIDE if full_pixels else None
-        decoded = decode_image(data, self.max_pixels, draft_size=draft, max_side=max_side)
+        decoded = decode_image(data, self.max_pixels, draft_size=draft)
         decoded_at = time.perf_counter()
         logits = self.predict_logits(decoded.image)
         inferred_at = time.perf_counter()

@@ -19,8 +19,11 @@ except ImportError:  # built without a C compiler: setup.py marks the module opt
 
 COMPILED = _upsampling is not None
 
-# Output pixels of uncertain cells interpolated in one go by upsample_argmax: bounds its temporaries to about 30 MB.
+# Output pixels of uncertain cells interpolated in one go by the NumPy path: bounds its temporaries to about 30 MB.
 _INTERPOLATED_PER_CHUNK = 1 << 19
+# Output pixels along an axis that the NumPy path works on at once: its taps cost 24 bytes an output pixel, so a
+# 40,000,000 x 1 image (a 116 KB PNG) would otherwise need 1 GB for them.
+_AXIS_CHUNK = 1 << 16
 # A cell's class is certain when, at each of its corners, it beats every lower class by this fraction of the
 # largest logit (plus the smallest normal float32, for underflow): twice the most that float32 rounding in the
 # two interpolation passes can move the difference of two classes (8 units in the last place of the largest).
@@ -36,7 +39,8 @@ class _Taps:
 
     Output pixel o reads source pixels first[o] and second[o] = min(first[o] + 1, source - 1) with the float32
     weights keep[o] = 1 - weight[o] and weight[o], where position = clamp((o + 0.5) * source / out - 0.5, 0,
-    source - 1) is computed in float64 and rounded to float32, first = floor(position), weight = position - first.
+    source - 1) is computed in float64 and rounded to float32, first = floor(position), weight = position - first
+    (segapp/_upsampling.c's `tap` computes the same). `along` makes those of output pixels start to stop - 1.
     """
 
     first: np.ndarray
@@ -45,8 +49,8 @@ class _Taps:
     weight: np.ndarray
 
     @classmethod
-    def along(cls, out: int, source: int) -> _Taps:
-        position = np.clip((np.arange(out) + 0.5) * (source / out) - 0.5, 0, source - 1).astype(np.float32)
+    def along(cls, out: int, source: int, start: int, stop: int) -> _Taps:
+        position = np.clip((np.arange(start, stop) + 0.5) * (source / out) - 0.5, 0, source - 1).astype(np.float32)
         first = position.astype(np.intp)
         weight = position - first.astype(np.float32)  # exact: position is in [first, first + 1)
         return cls(first, np.minimum(first + 1, source - 1), np.float32(1) - weight, weight)
@@ -64,10 +68,11 @@ class _Taps:
         return _Runs(first, runs, run_starts, np.minimum(longest, starts[owner] + counts[owner] - run_starts), longest)
 
 
-@functools.lru_cache(maxsize=64)
-def _axis(out: int, source: int) -> tuple[_Taps, _Runs]:
-    """The taps and runs of one axis, kept for the next image of the same size (read only)."""
-    taps = _Taps.along(out, source)
+@functools.lru_cache(maxsize=16)  # at most 1.6 MB each
+def _axis(out: int, source: int, start: int, stop: int) -> tuple[_Taps, _Runs]:
+    """The taps and runs of output pixels start to stop - 1 of an axis, kept for the next image of the same size
+    (read only)."""
+    taps = _Taps.along(out, source, start, stop)
     runs = taps.runs(source)
     for array in (*vars(taps).values(), *runs[:4]):
         array.flags.writeable = False
@@ -102,18 +107,12 @@ def upsample_argmax(logits: np.ndarray, width: int, height: int, compiled: bool 
     if (source_w, source_h) == (width, height):
         return _argmax(logits)
     margin = _certain_margin(logits)
-    rows, cols = _axis(height, source_h), _axis(width, source_w)
     if not compiled:
-        return _upsample_argmax_numpy(logits, rows, cols, margin)
+        return _upsample_argmax_numpy(logits, width, height, margin)
     if _upsampling is None:
         raise RuntimeError("segapp._upsampling was not built (no C compiler at install): pass compiled=False")
     mask = np.empty((height, width), dtype=np.uint8)
-    (row_taps, _), (col_taps, _) = rows, cols
-    _upsampling.upsample_argmax(
-        mask, logits, margin is None, 0.0 if margin is None else margin,
-        row_taps.first, row_taps.second, row_taps.keep, row_taps.weight,
-        col_taps.first, col_taps.second, col_taps.keep, col_taps.weight,
-    )
+    _upsampling.upsample_argmax(mask, logits, margin is None, 0.0 if margin is None else margin)
     return mask
 
 
@@ -126,16 +125,28 @@ def _certain_margin(logits: np.ndarray) -> np.float32 | None:
     return np.float32(largest * _CERTAIN_MARGIN + _UNDERFLOW_MARGIN)
 
 
-def _upsample_argmax_numpy(logits: np.ndarray, row_axis: tuple[_Taps, _Runs], col_axis: tuple[_Taps, _Runs],
-                           margin: np.float32 | None) -> np.ndarray:
-    """`upsample_argmax` in NumPy: the low-resolution argmax taken to the output's size, the uncertain cells'
-    pixels interpolated in blocks."""
-    (rows, row_runs), (cols, col_runs) = row_axis, col_axis
+def _upsample_argmax_numpy(logits: np.ndarray, width: int, height: int, margin: np.float32 | None) -> np.ndarray:
+    """`upsample_argmax` in NumPy, in blocks of at most _AXIS_CHUNK pixels a side."""
+    source_h, source_w, _ = logits.shape
     low = _argmax(logits)
-    mask = low.take(cols.first, axis=1).take(rows.first, axis=0)
     uncertain = _uncertain_cells(logits, low, margin)
-    uncertain &= (row_runs.count[:, None] > 0) & (col_runs.count[None, :] > 0)
-    cell_rows, cell_cols = np.nonzero(uncertain)
+    mask = np.empty((height, width), dtype=np.uint8)
+    for top in range(0, height, _AXIS_CHUNK):
+        bottom = min(top + _AXIS_CHUNK, height)
+        for left in range(0, width, _AXIS_CHUNK):
+            right = min(left + _AXIS_CHUNK, width)
+            rows, cols = _axis(height, source_h, top, bottom), _axis(width, source_w, left, right)
+            _fill_block(mask[top:bottom, left:right], logits, low, uncertain, rows, cols)
+    return mask
+
+
+def _fill_block(block: np.ndarray, logits: np.ndarray, low: np.ndarray, uncertain: np.ndarray,
+                row_axis: tuple[_Taps, _Runs], col_axis: tuple[_Taps, _Runs]) -> None:
+    """One block of the mask, in place: the low-resolution argmax taken to the block's pixels, then the pixels of
+    the uncertain cells interpolated in blocks of pixels that share their four corners."""
+    (rows, row_runs), (cols, col_runs) = row_axis, col_axis
+    np.take(low.take(cols.first, axis=1), rows.first, axis=0, out=block, mode="clip")  # indices are in range
+    cell_rows, cell_cols = np.nonzero(uncertain & (row_runs.count[:, None] > 0) & (col_runs.count[None, :] > 0))
     # Each uncertain cell in blocks, one per pair of its row and column runs (one block but at the edges).
     across = col_runs.count[cell_cols]
     blocks = row_runs.count[cell_rows] * across
@@ -152,8 +163,7 @@ def _upsample_argmax_numpy(logits: np.ndarray, row_axis: tuple[_Taps, _Runs], co
         # masking them out. Blocks run along the last axis, so NumPy's inner loops are long.
         ys = row_runs.starts[r] + np.minimum(np.arange(tall)[:, None], row_runs.lengths[r] - 1)
         xs = col_runs.starts[c] + np.minimum(np.arange(wide)[:, None], col_runs.lengths[c] - 1)
-        mask[ys[:, None, :], xs[None, :, :]] = _interpolated_argmax(logits, rows, cols, ys, xs)
-    return mask
+        block[ys[:, None, :], xs[None, :, :]] = _interpolated_argmax(logits, rows, cols, ys, xs)
 
 
 def _uncertain_cells(logits: np.ndarray, low: np.ndarray, margin: np.float32 | None) -> np.ndarray:

@@ -9,11 +9,10 @@ import pytest
 from PIL import Image, ImageFile
 
 from segapp.imaging import (
-    JPEG_MAX_SIDE,
+    MAX_SIDE,
     PALETTE,
     EmptyImageError,
     ImageTooLargeError,
-    OverlayTooLargeError,
     UndecodableImageError,
     decode_image,
     mask_to_png,
@@ -232,12 +231,13 @@ def test_truncated_file_of_each_format_is_refused(fmt, mode, kept):
         decode_image(data[: int(len(data) * kept)], LIMIT)
 
 
-def test_side_over_the_jpeg_limit_is_refused_from_the_header_when_asked():
-    data = encode(Image.new("L", (70_000, 2)), "PNG")
-    with pytest.raises(OverlayTooLargeError, match="65500") as caught:
-        decode_image(data, LIMIT, max_side=JPEG_MAX_SIDE)
-    assert caught.value.code == "overlay_too_large"
-    assert decode_image(data, LIMIT).width == 70_000  # a mask has no such limit
+@pytest.mark.parametrize("size", [(70_000, 2), (2, 70_000), (40_000_000, 1)])
+def test_side_over_the_jpeg_limit_is_refused_from_the_header(size):
+    data = png_bomb(*size)  # a few kilobytes: refused from its header
+    with pytest.raises(ImageTooLargeError, match=f"{size[0]}x{size[1]}; a side may be at most 65500") as caught:
+        decode_image(data, LIMIT)
+    assert caught.value.code == "image_too_large"
+    assert decode_image(encode(Image.new("L", (MAX_SIDE, 2)), "PNG"), LIMIT).width == MAX_SIDE
 
 
 def test_icon_larger_than_its_header_says_is_refused():

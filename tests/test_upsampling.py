@@ -100,6 +100,19 @@ def test_mask_is_exact_on_the_shipped_models_logits(compiled):
         assert np.array_equal(mask, reference_upsample_argmax(logits, *size)), size
 
 
+@PATHS
+def test_mask_is_exact_along_a_side_longer_than_the_numpy_paths_blocks(compiled):
+    # 70,000 pixels: the NumPy path works in blocks of 65,536 a side, the C path computes its taps as it goes;
+    # each of the 128 source columns spans 547 output pixels, the taps' float32 positions far from whole.
+    logits = np.random.default_rng(7).normal(size=(3, 128, 3)).astype(np.float32)
+    for width, height in ((70_000, 3), (70_000, 1)):
+        mask = upsample_argmax(logits, width, height, compiled=compiled)
+        assert np.array_equal(mask, reference_upsample_argmax(logits, width, height)), (width, height)
+    tall = np.ascontiguousarray(logits.transpose(1, 0, 2))
+    mask = upsample_argmax(tall, 3, 70_000, compiled=compiled)
+    assert np.array_equal(mask, reference_upsample_argmax(tall, 3, 70_000))
+
+
 @settings(max_examples=50, deadline=None)
 @given(plane=arrays(np.float32, (6, 5), elements=st.floats(-60, 60, width=32)), width=st.integers(5, 40),
        height=st.integers(6, 40))
@@ -123,17 +136,20 @@ def test_both_paths_agree_on_any_logits_nan_and_infinities_included(logits, widt
     assert np.array_equal(upsample_argmax(logits, width, height, compiled=True), numpy)
 
 
-def test_the_compiled_module_refuses_arrays_that_do_not_fit_rather_than_read_past_them():
-    taps = upsampling._axis(5, 4)[0]
-    good = (np.zeros((5, 5), np.uint8), np.zeros((4, 4, 3), np.float32), False, 0.0,
-            taps.first, taps.second, taps.keep, taps.weight, taps.first, taps.second, taps.keep, taps.weight)
-    upsampling._upsampling.upsample_argmax(*good)
-    for index, wrong in ((0, np.zeros((6, 5), np.uint8)), (0, np.zeros((5, 5), np.int32)),
-                         (1, np.zeros((3, 4, 3), np.float32)), (1, np.zeros((4, 4, 3), np.float64)),
-                         (1, np.zeros((4, 8, 3), np.float32)[:, ::2]), (4, taps.first[:4]),
-                         (5, np.full(5, 4, np.intp)), (6, taps.first[::-1].copy())):
-        with pytest.raises(ValueError):
-            upsampling._upsampling.upsample_argmax(*good[:index], wrong, *good[index + 1 :])
+def test_the_compiled_module_refuses_arrays_it_cannot_read_rather_than_read_past_them():
+    upsample = upsampling._upsampling.upsample_argmax
+    mask, logits = np.zeros((5, 5), np.uint8), np.zeros((4, 4, 3), np.float32)
+    upsample(mask, logits, False, 0.0)
+    read_only = mask.copy()
+    read_only.flags.writeable = False
+    for wrong_mask in (np.zeros(25, np.uint8), np.zeros((5, 5), np.int32), mask.T, read_only):
+        with pytest.raises((ValueError, BufferError)):
+            upsample(wrong_mask, logits, False, 0.0)
+    for wrong_logits in (np.zeros((4, 4, 3), np.float64), np.zeros((4, 12), np.float32),
+                         np.zeros((4, 4, 0), np.float32), np.zeros((4, 8, 3), np.float32)[:, ::2],
+                         np.zeros((4, 4, 3), np.int32), np.zeros((2, 2, 257), np.float32)):
+        with pytest.raises((ValueError, BufferError)):
+            upsample(mask, wrong_logits, False, 0.0)
 
 
 def test_without_the_compiled_module_numpy_upsamples_to_the_same_mask(tmp_path):

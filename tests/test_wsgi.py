@@ -599,11 +599,12 @@ def _encoded_image(image: Image.Image, fmt: str) -> bytes:
 
 
 @pytest.mark.parametrize("fmt, size", [("PNG", (70_000, 2)), ("TIFF", (8, 327_704))])
-def test_overlay_of_a_side_over_the_jpeg_limit_is_413_saying_why(app, fmt, size):
+@pytest.mark.parametrize("answer", ["png", "json", "overlay"])
+def test_image_with_a_side_over_the_jpeg_limit_is_413_saying_why(app, fmt, size, answer):
     body = _encoded_image(Image.new("L", size), fmt)
-    error = assert_json_error(post(app, body, url="/infer?format=overlay", status=413), 413, "overlay_too_large")
-    assert "65500" in error["message"] and "format=png" in error["message"]
-    assert png_of(post(app, body, url="/infer?format=png")).size == size
+    error = assert_json_error(post(app, body, url=f"/infer?format={answer}", status=413), 413, "image_too_large")
+    assert f"{size[0]}x{size[1]}; a side may be at most 65500 pixels" in error["message"]
+    assert png_of(post(app, _encoded_image(Image.new("L", (65_500, 2)), fmt))).size == (65_500, 2)
 
 
 def test_jpeg_cut_short_with_a_new_end_marker_is_400(app, jpeg_500x375):

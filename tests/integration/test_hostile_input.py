@@ -139,6 +139,9 @@ def corpus() -> list[tuple[str, bytes, dict, str, int]]:
         ("gif-bomb-65535x65535", with_size_field(gif, 6, "<HH", 65535, 65535), {}, "", 413),
         ("bmp-bomb-30000x30000", with_size_field(bmp, 18, "<ii", 30_000, 30_000), {}, "", 413),
         ("jpeg-bomb-65500x65500", jpeg_frame_resized(jpeg, 65_500, 65_500), {}, "", 413),
+        # As a real PNG, 116 KB: resizing it to the network's input would take Pillow 640 MB of coefficients
+        ("png-40000000x1", png_header_only(40_000_000, 1), {}, "", 413),
+        ("png-1x40000000", png_header_only(1, 40_000_000), {}, "?format=json", 413),
         ("png-wide-70000-overlay", png_header_only(70_000, 2), {}, "?format=overlay", 413),
         ("tiff-tall-327704-overlay", encoded(Image.new("L", (8, 327_704)), "TIFF"), {}, "?format=overlay", 413),
         ("png-zero-width", png_header_only(0, 10), {}, "", 400),
