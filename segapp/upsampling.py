@@ -22,7 +22,7 @@ COMPILED = _upsampling is not None
 # Output pixels of uncertain cells interpolated in one go by the NumPy path: bounds its temporaries to about 30 MB.
 _INTERPOLATED_PER_CHUNK = 1 << 19
 # Output pixels along an axis that the NumPy path works on at once: its taps cost 24 bytes an output pixel, so a
-# 40,000,000 x 1 image (a 116 KB PNG) would otherwise need 1 GB for them.
+# call of any size stays bounded (the service's images have at most imaging.MAX_SIDE = 65,500 pixels a side).
 _AXIS_CHUNK = 1 << 16
 # A cell's class is certain when, at each of its corners, it beats every lower class by this fraction of the
 # largest logit (plus the smallest normal float32, for underflow): twice the most that float32 rounding in the
@@ -56,8 +56,8 @@ class _Taps:
         return cls(first, np.minimum(first + 1, source - 1), np.float32(1) - weight, weight)
 
     def runs(self, source: int) -> _Runs:
-        """The output indices whose first tap is each source index, in runs of at most ceil(out / source): the
-        clamped edges make the first and last source index's spans longer than the others'."""
+        """The output indices whose first tap is each source index, in runs of at most ceil(len(first) / source):
+        the clamped edges make the first and last source index's spans longer than the others'."""
         starts = np.searchsorted(self.first, np.arange(source), side="left")
         counts = np.searchsorted(self.first, np.arange(source), side="right") - starts
         longest = max(1, -(-len(self.first) // source))
