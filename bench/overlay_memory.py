@@ -57,7 +57,8 @@ def post(port: int, body: bytes, query: str) -> tuple[int, int, float]:
     return response.status, len(answer), time.perf_counter() - started
 
 
-def peak_rss_mb(pid: int, field: str = "VmHWM") -> float:
+def memory_mb(pid: int, field: str = "VmHWM") -> float:
+    """A memory figure of /proc/PID/status in MB: VmHWM, the peak resident set, or VmRSS, the current one."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
@@ -72,13 +73,13 @@ def measure(tree: Path, body: bytes, repeat: int, answer: str = "overlay") -> di
             Stack.start(Path(run_dir), env, root=tree) as stack:
         post(stack.port, small_png(), "")  # warm-up
         pid = stack.worker_pids()[0]
-        figures = {"tree": str(tree), "worker_peak_mb_after_warmup": round(peak_rss_mb(pid))}
+        figures = {"tree": str(tree), "worker_peak_mb_after_warmup": round(memory_mb(pid))}
         runs = []
         for _ in range(repeat):
             status, size, seconds = post(stack.port, body, f"?format={answer}")
             runs.append({"status": status, "answer_bytes": size, "seconds": round(seconds, 2),
-                         "worker_peak_mb": round(peak_rss_mb(pid)), "worker_rss_mb": round(peak_rss_mb(pid, "VmRSS"))})
-        figures["overlays"] = runs
+                         "worker_peak_mb": round(memory_mb(pid)), "worker_rss_mb": round(memory_mb(pid, "VmRSS"))})
+        figures["requests"] = runs
         figures["worker_pid_unchanged"] = stack.worker_pids()[0] == pid
         return figures
 
