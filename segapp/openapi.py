@@ -1,4 +1,7 @@
-"""The API's OpenAPI 3.1 description: docs/openapi.yaml, the one source, served by the app as JSON."""
+"""The API's OpenAPI 3.1 description: segapp/openapi.yaml, the one source, served by the app as JSON.
+
+It lives in the package (setup.cfg's package_data), so an installed segapp (the container image) serves it too.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +11,13 @@ from pathlib import Path
 
 import yaml
 
-DESCRIPTION = Path(__file__).resolve().parent.parent / "docs" / "openapi.yaml"
+DESCRIPTION = Path(__file__).resolve().parent / "openapi.yaml"
 # The inference path as the description names it; SEGAPP_ROUTE may serve it elsewhere.
 DESCRIBED_ROUTE = "/infer"
 
 
 def load_description(path: Path = DESCRIPTION) -> dict:
-    """The description in `path` (docs/openapi.yaml of this checkout) as a dict."""
+    """The description in `path` (the package's openapi.yaml) as a dict."""
     with open(path, encoding="utf-8") as file:
         return yaml.safe_load(file)
 

@@ -3,7 +3,7 @@
     POST {route}      image bytes (or multipart field "image") -> PNG mask, JSON or JPEG overlay
     GET  /healthz     liveness        GET /readyz   readiness (503 until the model is loaded and warm)
     GET  /v1/model    the model card  GET /metrics  Prometheus text format
-    GET  /openapi.json  the OpenAPI 3.1 description of these routes (docs/openapi.yaml)
+    GET  /openapi.json  the OpenAPI 3.1 description of these routes (segapp/openapi.yaml)
     /v2/...           the Open Inference Protocol (KServe v2): segapp.inference_protocol lists its routes
 
 `make_app(settings, segmenter)` builds the app; `application` is what uWSGI loads (`module = segapp.wsgi:application`).
@@ -216,7 +216,7 @@ class SegmentationApp:
         return response
 
     def on_openapi(self, request: Request) -> Response:
-        """The OpenAPI 3.1 description of this API (docs/openapi.yaml) as JSON, naming this app's inference path."""
+        """The OpenAPI 3.1 description of this API (segapp/openapi.yaml) as JSON, naming this app's inference path."""
         return Response(body=description_json(self.settings.route), content_type="application/json", charset=None)
 
     def on_v2_server(self, request: Request) -> Response:

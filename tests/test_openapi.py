@@ -1,8 +1,13 @@
-"""docs/openapi.yaml: valid OpenAPI 3.1, describing exactly the app's routes and methods, served at /openapi.json."""
+"""segapp/openapi.yaml: valid OpenAPI 3.1, describing exactly the app's routes and methods, served at /openapi.json."""
 
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 import schemathesis
@@ -10,6 +15,8 @@ import schemathesis
 from segapp.config import Settings
 from segapp.openapi import load_description
 from segapp.wsgi import SegmentationApp
+
+ROOT = Path(__file__).resolve().parent.parent
 
 METHODS = ("get", "head", "post", "put", "patch", "delete", "options", "trace")
 # A value for each path parameter, to turn a described template into a path the app routes.
@@ -100,3 +107,32 @@ def test_openapi_json_answers_head_and_refuses_post(app_for, fake_segmenter):
     refused = app.post("/openapi.json", b"", status=405)
     assert refused.headers["Allow"] == "GET, HEAD"
 
+
+
+def test_the_wheel_carries_the_description_and_serves_it_installed(tmp_path):
+    """The image installs segapp from its wheel (deploy/build-image): the description must be in it, and an installed
+    segapp, away from any checkout, must read it; on 723bb99 it sat in docs/ and the image answered 500."""
+    source = tmp_path / "source"
+    shutil.copytree(ROOT / "segapp", source / "segapp", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    for name in ("setup.cfg", "setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+         "--wheel-dir", str(tmp_path / "wheels"), str(source)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = (tmp_path / "wheels").glob("segapp-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        assert "segapp/openapi.yaml" in archive.namelist()
+        archive.extractall(tmp_path / "installed")
+    shutil.rmtree(source)  # nothing of a checkout left to read from
+    served = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import json, segapp.openapi as o; "
+         "print(o.__file__); print(len(json.loads(o.description_json())['paths']))", str(tmp_path / "installed")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=60,
+    )
+    assert served.returncode == 0, served.stderr[-3000:]
+    module, paths = served.stdout.split()
+    assert Path(module).is_relative_to(tmp_path / "installed")
+    assert int(paths) == len(load_description()["paths"])

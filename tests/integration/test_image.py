@@ -13,6 +13,7 @@ from PIL import Image
 
 from bench.stack import Endpoint, free_port
 from segapp.inference import SHIPPED_MODEL, read_card
+from segapp.openapi import load_description
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +57,16 @@ def test_hardened_container_serves_as_an_unprivileged_user(docker, image, record
     answer = endpoint.request("POST", "/infer", jpeg_of(320, 200), {"Content-Type": "image/jpeg"})
     assert answer.status == 200, answer.body[:300]
     assert Image.open(io.BytesIO(answer.body)).size == (320, 200)
-    assert endpoint.request("GET", "/v1/model").json()["version"] == read_card(SHIPPED_MODEL)["version"]
+    card = endpoint.request("GET", "/v1/model").json()
+    assert card["version"] == read_card(SHIPPED_MODEL)["version"]
+    # Every documented read route answers in the image as in the checkout: segapp runs from its installed wheel here,
+    # and on 723bb99 /openapi.json read a file outside the package and answered 500.
+    description = load_description()
+    assert endpoint.request("GET", "/openapi.json").json() == description
+    for template, item in description["paths"].items():
+        if "get" in item:
+            path = template.format(name=card["name"], version=card["version"])
+            assert endpoint.request("GET", path).status < 500, path
     # Every process of the tree (uWSGI master, workers, nginx master and workers) runs as the user given.
     users = {line.split()[1] for line in docker("top", container, "-eo", "pid,uid,args").stdout.splitlines()[1:]}
     assert users == {"12345"}

@@ -1,4 +1,4 @@
-"""Schemathesis against the real stack, through nginx, with docs/openapi.yaml: every operation, with generated and
+"""Schemathesis against the real stack, through nginx, with segapp/openapi.yaml: every operation, with generated and
 mutated inputs (its examples, coverage, fuzzing and stateful phases), answers as the description says."""
 
 from __future__ import annotations
