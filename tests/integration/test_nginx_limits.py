@@ -137,3 +137,42 @@ def test_a_trusted_proxy_forwards_the_client_address_to_limits_and_metrics(shipp
         assert answer.status == 200, answer.body[:200]
     finally:
         slow.close()
+
+
+def test_a_client_that_stops_sending_is_closed_without_an_answer(shipped_limits):
+    """client_header_timeout and client_body_timeout (10 s): nginx logs 408 but sends nothing, not even a status line,
+    so there is no 408 page to serve (docs/api.md says so)."""
+    halves = {
+        "headers": b"GET /healthz HTTP/1.1\r\nHost: x\r\n",
+        "body": (b"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 1000\r\n\r\n"
+                 + b"x" * 500),
+        "v2 body": (b"POST /v2/models/segapp-unet/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 1000\r\n\r\n{\"inputs\": ["),
+        "chunked body": (b"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n100\r\nabc"),
+    }
+    started = time.monotonic()
+    open_ = {}
+    for name, half in halves.items():
+        connection = socket.create_connection(("127.0.0.1", shipped_limits.port), timeout=30,
+                                              source_address=("127.0.0.5", 0))
+        connection.sendall(half)
+        open_[connection] = name
+    received, closed_after = {}, {}
+    try:
+        while open_ and time.monotonic() - started < 40:
+            readable, _, _ = select.select(list(open_), [], [], 1)
+            for connection in readable:
+                chunk = connection.recv(65536)
+                received[open_[connection]] = received.get(open_[connection], b"") + chunk
+                if not chunk:
+                    closed_after[open_.pop(connection)] = time.monotonic() - started
+                    connection.close()
+    finally:
+        for connection in open_:
+            connection.close()
+    print(f"\nhalf-sent requests closed after {', '.join(f'{k} {v:.1f} s' for k, v in closed_after.items())}")
+    assert set(closed_after) == set(halves), f"still open after 40 s: {sorted(open_.values())}"
+    assert received == dict.fromkeys(halves, b"")
+    assert all(9 <= seconds <= 20 for seconds in closed_after.values()), closed_after
+    assert shipped_limits.request("GET", "/healthz", source="127.0.0.5").status == 200
