@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.stack import READY_TIMEOUT_S, ROOT, STOP_TIMEOUT_S, wait_gone
+from bench.stack import READY_TIMEOUT_S, ROOT, STOP_TIMEOUT_S, free_port, wait_gone
 from segapp.inference import SHIPPED_MODEL, card_path
 from tests.integration.conftest import start_stack
 
@@ -167,6 +169,45 @@ def test_sigterm_to_serve_drains_readiness_first_then_stops(jpeg):
     assert during == [200] * 6
     assert stopped_after >= 4, "uWSGI was stopped before the drain was over"
     print(f"\ndrain: /readyz 503, 6 of 6 requests served; stopped {stopped_after:.1f} s after SIGTERM")
+
+
+def _port_in_time_wait() -> int:
+    """A free loopback port with a connection in TIME_WAIT on it, as a stack stopped a moment ago leaves its port:
+    the side that closes first (here the server's, as nginx closes keep-alive connections) waits there a minute."""
+    port = free_port()
+    with socket.create_server(("127.0.0.1", port)) as listener:
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        accepted.close()
+        client.close()
+    return port
+
+
+def test_serve_starts_on_a_port_whose_last_connections_wait_in_time_wait():
+    """`make serve` again right after Ctrl-C: the old connections in TIME_WAIT do not stop nginx binding, so serve's
+    own check must not call the port taken (on 723bb99 it did, for about a minute)."""
+    port = _port_in_time_wait()
+    with pytest.raises(OSError), socket.socket() as plain:  # the state the check used to trip on is really there
+        plain.bind(("127.0.0.1", port))
+    venv = Path(sys.executable).parent.parent
+    stack = start_stack(command=[str(ROOT / "uwsgi" / "serve")], VENV=str(venv), SEGAPP_PORT=str(port))
+    try:
+        assert stack.request("GET", "/healthz").status == 200
+    finally:
+        stack.stop()
+        shutil.rmtree(stack.run_dir, ignore_errors=True)
+
+
+def test_serve_refuses_a_port_another_server_listens_on():
+    venv = Path(sys.executable).parent.parent
+    run_dir = tempfile.mkdtemp(prefix="segapp-serve-")
+    with socket.create_server(("127.0.0.1", free_port())) as taken:
+        port = taken.getsockname()[1]
+        env = {**os.environ, "VENV": str(venv), "SEGAPP_PORT": str(port), "SEGAPP_RUN_DIR": run_dir}
+        serve = subprocess.run([str(ROOT / "uwsgi" / "serve")], capture_output=True, text=True, env=env, timeout=60)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    assert serve.returncode == 1
+    assert f"port {port} on 127.0.0.1 is taken" in serve.stderr
 
 
 def touch_in_a_later_second(path: Path) -> None:
