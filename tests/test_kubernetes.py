@@ -118,12 +118,22 @@ def test_the_image_is_the_one_make_image_tags(base):
     assert container(base)["image"] == f"segapp:{read_card(SHIPPED_MODEL)['version']}"
 
 
+def image_user() -> tuple[int, int]:
+    """The Dockerfile's `USER uid:gid`, numeric (the user its useradd makes), as the image runs by default."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    (uid, gid), = re.findall(r"^USER (\d+):(\d+)$", dockerfile, re.MULTILINE)
+    assert re.search(rf"useradd .*--uid {uid} ", dockerfile), "USER names the uid that useradd creates"
+    return int(uid), int(gid)
+
+
 def test_the_pod_runs_unprivileged_on_a_read_only_root(base):
     pod = one(base, "Deployment")["spec"]["template"]["spec"]
     served = container(base)
     context = {**pod["securityContext"], **served["securityContext"]}
     assert context["runAsNonRoot"] is True
-    assert context["runAsUser"] == 10001  # the image's user (Dockerfile)
+    # The image's own user and group, as its Dockerfile sets them (USER uid:gid), not a number copied here.
+    uid, gid = image_user()
+    assert (context["runAsUser"], context["runAsGroup"]) == (uid, gid)
     assert context["readOnlyRootFilesystem"] is True
     assert context["allowPrivilegeEscalation"] is False
     assert context["capabilities"]["drop"] == ["ALL"] and not context["capabilities"].get("add")
