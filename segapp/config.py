@@ -12,6 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from segapp.imaging import DEFAULT_DECODE_BYTES, DEFAULT_DECODE_CPU_SECONDS
 from segapp.inference import SHIPPED_MODEL
 
 FORMATS = ("png", "json", "overlay")
@@ -43,6 +44,14 @@ class Settings:
     max_pixels: int = 40_000_000
     """SEGAPP_MAX_PIXELS: larger images get 413 from their header, before they are decoded. At most Pillow's own
     guard against decompression bombs (Image.MAX_IMAGE_PIXELS, 89,478,485), which stays on."""
+    max_decode_bytes: int = DEFAULT_DECODE_BYTES
+    """SEGAPP_MAX_DECODE_BYTES: the memory one image's decoding may hold, estimated from its header (format, mode,
+    size, a progressive JPEG's coefficients) before it is decoded; a larger one gets 413 `decode_budget_exceeded`.
+    256 MiB takes a 40-megapixel RGB JPEG or PNG, and a WebP of up to 15 megapixels."""
+    decode_cpu_seconds: float = DEFAULT_DECODE_CPU_SECONDS
+    """SEGAPP_DECODE_CPU_SECONDS: the CPU time one image's decoding may take: refused before decoding when a JPEG's
+    scans are estimated to take longer, stopped when it runs over (413 `decode_budget_exceeded`). The slowest
+    40-megapixel photograph decodes in about 1 s here (docs/benchmarks.md)."""
     default_format: str = "png"
     """SEGAPP_DEFAULT_FORMAT: the answer when the client states no preference: png, json or overlay."""
     log_level: str = "INFO"
@@ -60,6 +69,8 @@ class Settings:
             "route": not self.route.startswith("/") or self.route in RESERVED_ROUTES or self.route.startswith("/v2/"),
             "max_body_bytes": self.max_body_bytes < 1,
             "max_pixels": not 1 <= self.max_pixels <= PILLOW_MAX_PIXELS,
+            "max_decode_bytes": self.max_decode_bytes < 1,
+            "decode_cpu_seconds": not 0 < self.decode_cpu_seconds <= 3600,
             "default_format": self.default_format not in FORMATS,
             "log_level": self.log_level not in LOG_LEVELS,
             "engine_delay_ms": self.engine_delay_ms < 0,
@@ -86,6 +97,8 @@ _HINTS = {
     "route": "a path beginning with / that is not one of the service's own routes",
     "max_body_bytes": "a whole number of bytes of at least 1",
     "max_pixels": f"a whole number from 1 to {PILLOW_MAX_PIXELS} (Pillow refuses larger images)",
+    "max_decode_bytes": "a whole number of bytes of at least 1",
+    "decode_cpu_seconds": "a number of seconds above 0, at most 3600",
     "default_format": "one of " + ", ".join(FORMATS),
     "log_level": "one of " + ", ".join(LOG_LEVELS),
     "engine_delay_ms": "a whole number of milliseconds, 0 or more",
@@ -100,6 +113,11 @@ def _parse(name: str, kind: str, raw: str):
     if kind == "int":
         try:
             return int(raw.replace("_", ""))
+        except ValueError:
+            raise SettingsError(f"{env_name(name)}={raw!r} is not valid: {_HINTS[name]}") from None
+    if kind == "float":
+        try:
+            return float(raw)
         except ValueError:
             raise SettingsError(f"{env_name(name)}={raw!r} is not valid: {_HINTS[name]}") from None
     if kind in ("Path", "Path | None"):

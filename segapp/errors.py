@@ -13,6 +13,8 @@ import uuid
 
 from webob import exc as webob_exc
 
+from segapp.imaging import ImageError, ImageTooLargeError, UnsupportedImageFormatError
+
 # A request ID from a client or from nginx's $request_id is echoed only when it is this plain.
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -54,3 +56,15 @@ def request_id_for(header_value: str | None) -> str:
     if header_value and _SANE_REQUEST_ID.fullmatch(header_value):
         return header_value
     return uuid.uuid4().hex
+
+
+def image_error(error: ImageError, prefix: str = "") -> webob_exc.WSGIHTTPException:
+    """The rejection of bytes that are no image segapp can segment: 413 for an image over a limit or a budget, 415 for
+    a format it does not take, 400 for the rest; the message is `prefix` and the error's."""
+    if isinstance(error, ImageTooLargeError):
+        status = webob_exc.HTTPRequestEntityTooLarge
+    elif isinstance(error, UnsupportedImageFormatError):
+        status = webob_exc.HTTPUnsupportedMediaType
+    else:
+        status = webob_exc.HTTPBadRequest
+    return api_error(status, error.code, prefix + str(error))

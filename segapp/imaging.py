@@ -6,16 +6,18 @@ Everything a client sends passes through `decode_image`, which refuses hostile i
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
+import time
 import warnings
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
 
-from segapp.jpeg import scan_shortfall
+from segapp.jpeg import inspect_jpeg
 
 # Trimap classes with the Oxford-IIIT Pet meaning, and the colours a viewer sees them in.
 CLASS_NAMES = ("foreground", "background", "border")
@@ -36,6 +38,23 @@ MAX_SIDE = 65_500
 _BAND_ROWS = 256
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+# The formats taken, by Pillow's names (its JPEG reader also opens MPO, a JPEG with more frames): each one's decoding
+# cost is known from its header (docs/api.md, "Budgets"). Pillow reads more, but not all within a bound: a 772-byte
+# JPEG 2000 took 805 MB to decode and a 1,263-byte AVIF 420 MB, more than their headers tell; those and the rest
+# are refused (415).
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+Image.init()  # registers every plugin: Image.open(formats=...) knows only registered ones
+# What one decode may hold, and the CPU time it may take, by default (Settings: SEGAPP_MAX_DECODE_BYTES and
+# SEGAPP_DECODE_CPU_SECONDS): a 40-megapixel RGB photograph decodes in 120 MB and well under a second.
+DEFAULT_DECODE_BYTES = 256 * 1024 * 1024
+DEFAULT_DECODE_CPU_SECONDS = 2.0
+# Bytes per pixel a decoder holds beyond the image in its own mode and the RGB result (bench/decode_memory.py):
+# Pillow's WebP decoder keeps libwebp's RGBA frame and an RGBA canvas (17 bytes a pixel in all for an RGB WebP).
+_DECODER_BYTES_PER_PIXEL = {"WEBP": 10}
+# libjpeg's work per block of every scan, measured on this project's machines (2 vCPUs, AMD EPYC): 48-53 ns
+# (bench/decode_memory.py prints it); a little above, so that an estimate errs on the side of the budget.
+_SECONDS_PER_BLOCK_SCAN = 60e-9
 
 # What Pillow's decoders raise for bytes they cannot decode (truncated, corrupt, or an unsupported variant):
 # OSError (with UnidentifiedImageError), SyntaxError from format plugins, ValueError from some decoders' setup
@@ -63,6 +82,16 @@ class ImageTooLargeError(ImageError):
     code = "image_too_large"
 
 
+class DecodeBudgetError(ImageTooLargeError):
+    """Decoding the image would take, or took, more memory or CPU time than one request may spend."""
+
+    code = "decode_budget_exceeded"
+
+
+class UnsupportedImageFormatError(ImageError):
+    code = "unsupported_image_format"
+
+
 @dataclass(frozen=True)
 class DecodedImage:
     """An RGB image and its full size after EXIF orientation.
@@ -81,37 +110,24 @@ class DecodedImage:
         return np.asarray(self.image)
 
 
-def decode_image(data: bytes, max_pixels: int, draft_size: int | None = None) -> DecodedImage:
+def decode_image(
+    data: bytes, max_pixels: int, draft_size: int | None = None,
+    max_bytes: int = DEFAULT_DECODE_BYTES, cpu_seconds: float = DEFAULT_DECODE_CPU_SECONDS,
+) -> DecodedImage:
     """Decode image bytes to RGB: EXIF orientation applied, first frame of an animation, any mode.
 
-    Refuses, from its header and before decoding it, an image of more than `max_pixels` (a decompression bomb is
-    small on disk), a side longer than MAX_SIDE, and a JPEG whose data cannot hold the frame its
-    header declares; truncated or corrupt data is refused while decoding. With `draft_size`, a JPEG far larger
-    than that is decoded at a reduced scale that still covers `draft_size` pixels on its short side, which
+    Refuses, from its header and before decoding it: a format not in ACCEPTED_FORMATS; an image of more than
+    `max_pixels` (a decompression bomb is small on disk) or a side longer than MAX_SIDE; a decode whose memory,
+    estimated from the format, mode and size, is over `max_bytes`; a JPEG whose data cannot hold the frame its header
+    declares, or whose scans would take more than `cpu_seconds`. Decoding itself stops once it has used `cpu_seconds`
+    of this thread's CPU time; truncated or corrupt data is refused while decoding. With `draft_size`, a JPEG far
+    larger than that is decoded at a reduced scale that still covers `draft_size` pixels on its short side, which
     costs a fraction of a full decode.
     """
-    if not data:
-        raise EmptyImageError("the request body is empty; send the bytes of an image")
-    # Pillow's own guard stays on for the whole process (Image.MAX_IMAGE_PIXELS: a warning above 89 megapixels,
-    # an error above 179): besides the header it checks frames and tiles that only decoding reveals (ICO, GIF,
-    # TIFF). Here its warning refuses the image as its error does. Its other warnings describe the client's bytes
-    # ("Image was not the expected size"), which are answered, not logged.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(io.BytesIO(data))
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageTooLargeError(f"image is over the limit of {max_pixels} pixels: {exc}") from exc
-        except Exception as exc:
-            if not (isinstance(exc, _CODEC_ERRORS) or _raised_in_pillow(exc)):
-                raise
-            raise UndecodableImageError("the body is not an image in a supported format") from exc
-
+    with _pillow_warnings():
+        image, jpeg = _open(data, cpu_seconds, max_pixels)
         width, height = image.size
         _check_size(width, height, max_pixels)
-        if image.format in ("JPEG", "MPO") and (shortfall := scan_shortfall(data)):
-            raise UndecodableImageError(f"the image data is truncated or corrupt: {shortfall}")
 
         try:
             orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
@@ -119,6 +135,7 @@ def decode_image(data: bytes, max_pixels: int, draft_size: int | None = None) ->
                 # Draft picks the largest 1/2, 1/4 or 1/8 scale that is still at least the requested size.
                 scale = draft_size / min(width, height)
                 image.draft("RGB", (max(1, round(width * scale)), max(1, round(height * scale))))
+            _check_memory(image, jpeg, max_bytes)
             image.seek(0)
             image.load()
             if image.size != (width, height) and image.format not in ("JPEG", "MPO"):
@@ -139,6 +156,107 @@ def decode_image(data: bytes, max_pixels: int, draft_size: int | None = None) ->
     if orientation in _SWAPPING_ORIENTATIONS:
         width, height = height, width
     return DecodedImage(image=image, width=width, height=height)
+
+
+def image_size(data: bytes, max_pixels: int, cpu_seconds: float = DEFAULT_DECODE_CPU_SECONDS) -> tuple[int, int]:
+    """The width and height that an image's header declares, read as `decode_image` reads it and with the same
+    refusals (format, pixels, a JPEG's markers), without decoding it: what a batch's images add up to."""
+    with _pillow_warnings():
+        image, _ = _open(data, cpu_seconds, max_pixels)
+    _check_size(*image.size, max_pixels)
+    return image.size
+
+
+@contextlib.contextmanager
+def _pillow_warnings():
+    """Pillow's own guard stays on for the whole process (Image.MAX_IMAGE_PIXELS: a warning above 89 megapixels,
+    an error above 179): besides the header it checks frames and tiles that only decoding reveals (ICO, GIF,
+    TIFF). Inside, its warning refuses the image as its error does. Its other warnings describe the client's bytes
+    ("Image was not the expected size"), which are answered, not logged."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
+def _open(data: bytes, cpu_seconds: float, max_pixels: int):
+    """(`data` opened by Pillow, its header read, from a reader that stops it past `cpu_seconds` of this thread's
+    CPU time; the JPEG's facts from its markers, checked first, or None for another format)."""
+    if not data:
+        raise EmptyImageError("the request body is empty; send the bytes of an image")
+    jpeg = inspect_jpeg(data) if data[:2] == b"\xff\xd8" else None
+    if jpeg is not None and jpeg.problem:
+        raise UndecodableImageError(f"the image data is truncated or corrupt: {jpeg.problem}")
+    if jpeg is not None and jpeg.block_scans * _SECONDS_PER_BLOCK_SCAN > cpu_seconds:
+        raise DecodeBudgetError(
+            f"the JPEG's scans pass over {jpeg.block_scans} blocks, about "
+            f"{jpeg.block_scans * _SECONDS_PER_BLOCK_SCAN:.1f} s of decoding, over the budget of {cpu_seconds:g} s"
+        )
+    source = _BudgetedReader(data, time.thread_time() + cpu_seconds, cpu_seconds)
+    try:
+        return Image.open(source, formats=ACCEPTED_FORMATS), jpeg
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLargeError(f"image is over the limit of {max_pixels} pixels: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise _not_accepted(data) from exc
+    except ImageError:
+        raise
+    except Exception as exc:
+        if not (isinstance(exc, _CODEC_ERRORS) or _raised_in_pillow(exc)):
+            raise
+        raise UndecodableImageError("the body is not an image in a supported format") from exc
+
+
+class _BudgetedReader(io.BytesIO):
+    """The image's bytes as Pillow reads them, piece by piece, in its parsers and decoders: each read first checks
+    the thread's CPU time, so a decode past its budget stops at its next read with DecodeBudgetError."""
+
+    def __init__(self, data: bytes, deadline: float, budget: float):
+        super().__init__(data)
+        self.deadline = deadline
+        self.budget = budget
+
+    def read(self, size: int | None = -1) -> bytes:
+        if time.thread_time() > self.deadline:
+            raise DecodeBudgetError(f"decoding the image took over its CPU time budget of {self.budget:g} s")
+        return super().read(size)
+
+
+def decode_bytes(image: Image.Image, jpeg=None) -> int:
+    """An estimate of the memory that decoding `image` (opened, drafted, not loaded) to RGB holds at its peak: the
+    image in its own mode, the RGB result, the decoder's own buffers (a progressive JPEG's coefficients)."""
+    pixels = image.size[0] * image.size[1]
+    try:
+        mode = ImageMode.getmode(image.mode)
+        stored = len(mode.bands) * np.dtype(mode.typestr).itemsize
+    except (KeyError, TypeError):
+        stored = 4
+    per_pixel = stored + (0 if image.mode == "RGB" else 3) + _DECODER_BYTES_PER_PIXEL.get(image.format, 0)
+    return pixels * per_pixel + (jpeg.coefficient_bytes if jpeg is not None else 0)
+
+
+def _check_memory(image: Image.Image, jpeg, max_bytes: int) -> None:
+    needed = decode_bytes(image, jpeg)
+    if needed > max_bytes:
+        width, height = image.size
+        raise DecodeBudgetError(
+            f"decoding this {image.format} of {width}x{height} ({image.mode}) takes about {needed // 2**20} MiB, "
+            f"over the budget of {max_bytes // 2**20} MiB; send it smaller or as JPEG or PNG"
+        )
+
+
+def _not_accepted(data: bytes) -> ImageError:
+    """The error for bytes no accepted format's plugin claims: the format's name when Pillow knows it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as other:  # the header only
+                name = other.format
+    except Exception:
+        return UndecodableImageError("the body is not an image in a supported format")
+    return UnsupportedImageFormatError(
+        f"{name} images are not accepted; send {', '.join(ACCEPTED_FORMATS)}"
+    )
 
 
 def _raised_in_pillow(error: BaseException) -> bool:

@@ -18,7 +18,14 @@ import numpy as np
 from PIL import Image
 
 from segapp import upsampling
-from segapp.imaging import CLASS_NAMES, PALETTE, decode_image, resize_pixels
+from segapp.imaging import (
+    CLASS_NAMES,
+    DEFAULT_DECODE_BYTES,
+    DEFAULT_DECODE_CPU_SECONDS,
+    PALETTE,
+    decode_image,
+    resize_pixels,
+)
 from segapp.upsampling import upsample_argmax
 
 log = logging.getLogger(__name__)
@@ -29,6 +36,8 @@ SHIPPED_MODEL = Path(__file__).parent / "models" / "unet-int8.tflite"
 # The float network it was quantized from, still selectable with SEGAPP_MODEL; unet.keras lies beside it.
 FLOAT_MODEL = SHIPPED_MODEL.with_name("unet.tflite")
 DEFAULT_MAX_PIXELS = 40_000_000
+# Mask pixels counted at a time by Segmentation.class_fractions: 8 MB of int64 counting.
+_COUNT_SLICE = 1 << 20
 
 
 class LiteRTEngine:
@@ -198,7 +207,13 @@ class Segmentation:
 
     def class_fractions(self, num_classes: int) -> list[float]:
         """The fraction of pixels in each of the model's `num_classes` classes (the length of its card's list)."""
-        counts = np.bincount(self.mask.ravel(), minlength=num_classes)
+        # In slices: bincount counts through an int64 copy of what it is given, 320 MB for a 40-megapixel mask.
+        flat, counts = self.mask.ravel(), np.zeros(num_classes, np.int64)
+        for start in range(0, flat.size, _COUNT_SLICE):
+            found = np.bincount(flat[start : start + _COUNT_SLICE], minlength=num_classes)
+            if len(found) > num_classes:
+                raise ValueError(f"the mask has class {len(found) - 1}, but the model has {num_classes} classes")
+            counts += found
         if len(counts) > num_classes:
             raise ValueError(f"the mask has class {len(counts) - 1}, but the model has {num_classes} classes")
         return (counts / max(self.mask.size, 1)).tolist()
@@ -217,10 +232,14 @@ class Segmenter:
         threads: int = 1,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         engine=None,
+        max_decode_bytes: int = DEFAULT_DECODE_BYTES,
+        decode_cpu_seconds: float = DEFAULT_DECODE_CPU_SECONDS,
     ):
         self.model_path = Path(model_path)
         self.threads = threads
         self.max_pixels = max_pixels
+        self.max_decode_bytes = max_decode_bytes
+        self.decode_cpu_seconds = decode_cpu_seconds
         self.engine = engine
         self.card: dict = {}
         self.input_size = 128
@@ -250,7 +269,8 @@ class Segmenter:
         """
         started = time.perf_counter()
         draft = None if full_pixels else self.input_size
-        decoded = decode_image(data, self.max_pixels, draft_size=draft)
+        decoded = decode_image(data, self.max_pixels, draft_size=draft, max_bytes=self.max_decode_bytes,
+                               cpu_seconds=self.decode_cpu_seconds)
         decoded_at = time.perf_counter()
         logits = self.predict_logits(decoded.image)
         inferred_at = time.perf_counter()

@@ -32,15 +32,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from webob.exc import (
-    HTTPBadRequest,
     HTTPNotFound,
     HTTPRequestEntityTooLarge,
     HTTPUnsupportedMediaType,
     WSGIHTTPException,
 )
 
-from segapp.errors import api_error
-from segapp.imaging import ImageError, ImageTooLargeError
+from segapp.errors import api_error, image_error
+from segapp.imaging import ImageError, image_size
 from segapp.inference import Segmentation, Segmenter
 from segapp.tensors import (
     HEADER_LENGTH,
@@ -59,6 +58,9 @@ OUTPUTS = ("mask", "class_fractions")
 # Images in one request. Each costs a network run (a few ms) however small it is; a 10 MB body of tiny PNGs
 # could otherwise ask for 100,000 of them and hold a worker for minutes.
 MAX_BATCH = 32
+# The largest JSON answer: its mask is a number and a comma per pixel (16 megapixels for up to 10 classes, so a
+# 12-megapixel photograph's mask still comes as JSON); a larger mask is answered as binary data, a byte a pixel.
+MAX_JSON_ANSWER_BYTES = 32 * 1024 * 1024
 _TAKEN_MEDIA_TYPES = ("", "application/json", "application/octet-stream")
 
 
@@ -199,10 +201,7 @@ class InferenceProtocol:
         if count == 0:
             raise bad_request("the BYTES tensor holds no image")
         self._check_batch(count, 0, f"the BYTES tensor {shape}")
-        files = bytes_elements(data) if isinstance(data, bytes) else base64_elements(data)
-        if len(files) != count:
-            raise bad_request(f"input {INPUT!r} of shape {shape} needs {count} BYTES elements, not {len(files)}")
-        return files
+        return bytes_elements(data, count) if isinstance(data, bytes) else base64_elements(data, count)
 
     def _check_batch(self, images: int, pixels: int, what: str) -> None:
         if images > MAX_BATCH:
@@ -213,36 +212,62 @@ class InferenceProtocol:
                             f"{what} holds {pixels} pixels, over the limit of {self.max_pixels}")
 
     def infer(self, request: InferenceRequest) -> list[Segmentation]:
-        """A segmentation per image; 400 or 413 for an image that cannot be segmented, and for BYTES images of
-        different sizes (their masks would not make one tensor)."""
+        """A segmentation per image; 400, 413 or 415 for an image that cannot be segmented, and for BYTES images of
+        different sizes (their masks would not make one tensor). What the images add up to (pixels, and the size of
+        a JSON answer) is checked from their headers before any is decoded."""
         if request.pixels is not None:
+            self._check_answer(request, request.pixels[0].shape[:2], len(request.pixels))
             results = []
             for image in request.pixels:
                 started = self.clock()
                 mask = self.segmenter.segment_pixels(image)
                 results.append(Segmentation(mask=mask, timings={"infer": self.clock() - started}))
             return results
-        results, pixels = [], 0
+        sizes = []
         for index, data in enumerate(request.files):
-            where = f"image {index + 1} of {len(request.files)}: " if request.batched else ""
+            try:
+                sizes.append(image_size(data, self.max_pixels, self.segmenter.decode_cpu_seconds))
+            except ImageError as error:
+                raise image_error(error, self._where(request, index)) from None
+        pixels = sum(width * height for width, height in sizes)
+        if pixels > self.max_pixels:
+            raise api_error(HTTPRequestEntityTooLarge, "image_too_large",
+                            f"the batch's images hold {pixels} pixels, over the limit of {self.max_pixels} a request")
+        width, height = sizes[0]
+        self._check_answer(request, (height, width), len(sizes))
+        results = []
+        for index, data in enumerate(request.files):
             try:
                 result = self.segmenter.segment(data)
-            except ImageTooLargeError as error:
-                raise api_error(HTTPRequestEntityTooLarge, error.code, where + str(error)) from None
             except ImageError as error:
-                raise api_error(HTTPBadRequest, error.code, where + str(error)) from None
+                raise image_error(error, self._where(request, index)) from None
             if results and result.mask.shape != results[0].mask.shape:
                 first, this = results[0].mask.shape, result.mask.shape
                 raise bad_request(
-                    f"{where}it is {this[1]}x{this[0]}, image 1 is {first[1]}x{first[0]}: the images of a batch "
-                    "must have one size (their masks make one tensor); send them in separate requests"
+                    f"{self._where(request, index)}it is {this[1]}x{this[0]}, image 1 is {first[1]}x{first[0]}: "
+                    "the images of a batch must have one size (their masks make one tensor); send them in separate "
+                    "requests"
                 )
-            pixels += result.mask.size
-            if pixels > self.max_pixels:
-                raise api_error(HTTPRequestEntityTooLarge, "image_too_large",
-                                f"{where}the batch holds over {self.max_pixels} pixels, the limit of a request")
             results.append(result)
         return results
+
+    @staticmethod
+    def _where(request: InferenceRequest, index: int) -> str:
+        return f"image {index + 1} of {len(request.files)}: " if request.batched else ""
+
+    def _check_answer(self, request: InferenceRequest, shape: tuple[int, int], images: int) -> None:
+        """413 before any inference when the answer's JSON would be over MAX_JSON_ANSWER_BYTES (the mask as JSON
+        numbers, each with its comma); a binary mask is one byte a pixel, bounded by the pixel limit."""
+        if request.outputs.get("mask", True):
+            return
+        classes = len(self.segmenter.card.get("classes", ())) or 1
+        size = images * shape[0] * shape[1] * (len(str(classes - 1)) + 1)
+        if size > MAX_JSON_ANSWER_BYTES:
+            raise api_error(
+                HTTPRequestEntityTooLarge, "answer_too_large",
+                f"the mask of {images} x {shape[1]}x{shape[0]} pixels is {size} bytes as JSON, over the limit of "
+                f"{MAX_JSON_ANSWER_BYTES}; ask for it as binary data (parameters: binary_data: true)",
+            )
 
     def answer(self, request: InferenceRequest, results: list[Segmentation]) -> InferenceAnswer:
         """The response: JSON, or a JSON header and the binary outputs after it."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import struct
 
 import numpy as np
@@ -17,6 +18,13 @@ from webob.exc import HTTPBadRequest
 from segapp.errors import api_error
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+# A request is a few objects (the request, its input, their parameters, the outputs asked for): 256 keys and 32
+# levels are far beyond any, and bound what parsing a hostile one costs. UINT8 data nested as its shape is 5 deep.
+MAX_JSON_KEYS = 256
+MAX_JSON_DEPTH = 32
+_DECIMAL = re.compile(r"[0-9]{1,12}")
+# A JSON string: its quotes, any characters but quote and backslash, and escapes (possessive: linear time).
+_JSON_STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"', re.DOTALL)
 
 # Each byte value as right-aligned decimal text of 1, 2 and 3 characters (JSON allows the spaces), for json_numbers.
 _DIGITS = {
@@ -32,22 +40,59 @@ def bad_request(message: str):
 
 def split_request(body: bytes, header_length: str | None):
     """(the request's JSON header, the binary data after it); `header_length` is the header's
-    Inference-Header-Content-Length, None when the whole body is JSON."""
+    Inference-Header-Content-Length, None when the whole body is JSON.
+
+    Strict, and bounded before the parse: the length is decimal digits only; the JSON is UTF-8 without a byte order
+    mark, nested at most MAX_JSON_DEPTH deep, with at most MAX_JSON_KEYS keys in all, none twice in one object.
+    """
     length = len(body)
     if header_length is not None:
-        try:
-            length = int(header_length)
-        except ValueError:
-            length = -1
+        length = int(header_length) if _DECIMAL.fullmatch(header_length) else -1
         if not 0 < length <= len(body):
-            raise bad_request(f"{HEADER_LENGTH} is {header_length!r}; it must be the length of the JSON header, "
-                              f"1 to {len(body)} bytes for this body")
+            raise bad_request(f"{HEADER_LENGTH} is {header_length!r}; it must be the length of the JSON header in "
+                              f"decimal digits, 1 to {len(body)} for this body")
     if not body:
         raise bad_request("the body is empty; send an inference request")
     try:
-        return json.loads(body[:length]), body[length:]
-    except (UnicodeDecodeError, ValueError) as error:
+        text = body[:length].decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise bad_request(f"the inference request is not UTF-8 JSON: {error}") from None
+    check_json_structure(body[:length])
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys), body[length:]
+    except ValueError as error:
         raise bad_request(f"the inference request is not JSON: {error}") from None
+
+
+def check_json_structure(raw: bytes) -> None:
+    """400 unless the JSON text `raw` nests at most MAX_JSON_DEPTH deep and has at most MAX_JSON_KEYS keys.
+
+    Counted without parsing (strings blanked by one regex, brackets counted by NumPy): what a parse costs grows with
+    both (a 2 KB body nested 1000 deep is a RecursionError in the parser; 700,000 keys take 0.65 s and 205 MB).
+    """
+    text = np.frombuffer(raw, np.uint8)
+    if b"\\" in raw:  # escaped quotes: strings found by the regex
+        bare = np.frombuffer(_JSON_STRING.sub(b'""', raw), np.uint8)
+    else:  # no escapes: every quote opens or closes a string, so what lies after an odd count is inside one
+        bare = text[(np.cumsum(text == ord('"'), dtype=np.int32) & 1) == 0]
+    keys = int(np.count_nonzero(bare == ord(":")))
+    if keys > MAX_JSON_KEYS:
+        raise bad_request(f"the inference request has {keys} keys; at most {MAX_JSON_KEYS} are read")
+    opens = (bare == ord("[")) | (bare == ord("{"))
+    brackets = np.flatnonzero(opens | (bare == ord("]")) | (bare == ord("}")))
+    depth = int(np.cumsum(np.where(opens[brackets], 1, -1), dtype=np.int32).max(initial=0))
+    if depth > MAX_JSON_DEPTH:
+        raise bad_request(f"the inference request nests {depth} deep; at most {MAX_JSON_DEPTH} levels are read")
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object's dict; 400 when it names a key twice (the last would silently win)."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise bad_request(f"the inference request names {twice!r} twice in one object")
+    return value
 
 
 def tensor_data(tensor: dict, binary: bytes):
@@ -58,6 +103,8 @@ def tensor_data(tensor: dict, binary: bytes):
     if not isinstance(parameters, dict):
         raise bad_request(f"the parameters of input {name!r} must be a JSON object")
     size = parameters.get("binary_data_size")
+    if size is not None and "data" in tensor:
+        raise bad_request(f"input {name!r} has both 'data' and a binary_data_size parameter; send one of them")
     if size is None:
         if "data" not in tensor:
             raise bad_request(f"input {name!r} has no 'data' and no binary_data_size parameter")
@@ -80,10 +127,13 @@ def uint8_from_json(data, expected: int, what: str) -> np.ndarray:
     return array.astype(np.uint8).ravel()
 
 
-def bytes_elements(data: bytes) -> list[bytes]:
-    """The elements of a binary BYTES tensor: each a 4-byte little-endian length, then that many bytes."""
+def bytes_elements(data: bytes, count: int) -> list[bytes]:
+    """The `count` elements of a binary BYTES tensor: each a 4-byte little-endian length, then that many bytes;
+    400 as soon as the data holds more or fewer (the rest is not read)."""
     elements, offset = [], 0
     while offset < len(data):
+        if len(elements) == count:
+            raise bad_request(f"the BYTES data holds more than the {count} elements of its shape")
         if offset + 4 > len(data):
             raise bad_request("the BYTES data ends inside an element's 4-byte length")
         (size,) = struct.unpack_from("<I", data, offset)
@@ -92,14 +142,19 @@ def bytes_elements(data: bytes) -> list[bytes]:
             raise bad_request(f"a BYTES element claims {size} bytes; {len(data) - offset} are left")
         elements.append(data[offset : offset + size])
         offset += size
+    if len(elements) != count:
+        raise bad_request(f"the BYTES data holds {len(elements)} elements; its shape says {count}")
     return elements
 
 
-def base64_elements(data) -> list[bytes]:
-    """The elements of a BYTES tensor in JSON, flat or nested once: base64 strings, since a file is not text."""
+def base64_elements(data, count: int) -> list[bytes]:
+    """The `count` elements of a BYTES tensor in JSON, flat or nested once: base64 strings, since a file is not
+    text; 400 for another count, before any is decoded."""
     flat = data if isinstance(data, list) else [data]
     if flat and all(isinstance(item, list) for item in flat):
         flat = [item for row in flat for item in row]
+    if len(flat) != count:
+        raise bad_request(f"the BYTES data holds {len(flat)} elements; its shape says {count}")
     try:
         if not all(isinstance(item, str) for item in flat):
             raise ValueError

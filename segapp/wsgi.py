@@ -26,13 +26,12 @@ from webob.exc import (
     HTTPInternalServerError,
     HTTPMethodNotAllowed,
     HTTPNotFound,
-    HTTPRequestEntityTooLarge,
     HTTPServiceUnavailable,
 )
 
 from segapp.config import Settings
-from segapp.errors import api_error, render_error, request_id_for
-from segapp.imaging import ImageError, ImageTooLargeError, mask_to_png, overlay_to_jpeg
+from segapp.errors import api_error, image_error, render_error, request_id_for
+from segapp.imaging import ImageError, mask_to_png, overlay_to_jpeg
 from segapp.inference import Segmentation, Segmenter
 from segapp.inference_protocol import HEADER_LENGTH, InferenceProtocol, protocol_error_body, server_metadata
 from segapp.metrics import Metrics
@@ -87,18 +86,19 @@ class SegmentationApp:
         started = self.clock()
         request = Request(environ)
         request_id = request_id_for(environ.get("HTTP_X_REQUEST_ID"))
+        path = request_path(environ)
         # A scrape does not count itself: an idle server reads 0 requests in flight.
-        counted = request.path_info != "/metrics"
+        counted = path != "/metrics"
         if counted:
             self.metrics.in_flight.inc()
         try:
-            response = self.dispatch(request)
+            response = self.dispatch(request, path)
         except HTTPException as error:
-            response = self.render_error(request, error, request_id)
+            response = self.render_error(path, error, request_id)
         except Exception:
-            log.exception("unexpected error answering %s %s request_id=%s", request.method, request.path, request_id)
+            log.exception("unexpected error answering %s %r request_id=%s", request.method, path, request_id)
             error = HTTPInternalServerError(detail="unexpected error; see the server log")
-            response = self.render_error(request, error, request_id)
+            response = self.render_error(path, error, request_id)
         finally:
             if counted:
                 self.metrics.in_flight.dec()
@@ -111,7 +111,7 @@ class SegmentationApp:
         stages = response.headers.get("Server-Timing")
         response.headers["Server-Timing"] = f"{stages}, {timing}" if stages else timing
         try:
-            self._account(request, response, request_id, elapsed)
+            self._account(request, path, response, request_id, elapsed)
         except Exception:  # metrics or a log handler failing must not cost the client its answer
             log.exception("could not record request_id=%s", request_id)
         return response(environ, start_response)
@@ -126,22 +126,27 @@ class SegmentationApp:
                 return endpoint, template, allowed, match.groupdict()
         return None, "other", (), {}
 
-    def render_error(self, request: Request, error: HTTPException, request_id: str) -> Response:
+    def render_error(self, path: str | None, error: HTTPException, request_id: str) -> Response:
         """`error` as JSON: the Open Inference Protocol's `{"error": "..."}` under /v2, segapp's shape elsewhere."""
         response = render_error(error, request_id)
-        if request.path_info == "/v2" or request.path_info.startswith("/v2/"):
+        if path is not None and (path == "/v2" or path.startswith("/v2/")):
             response.body = protocol_error_body(error)
         return response
 
-    def dispatch(self, request: Request) -> Response:
-        """The handler's response for `request`; raises `webob.exc` exceptions for rejections."""
-        endpoint, _, allowed, parameters = self.route(request.path_info)
-        if endpoint is None:
-            raise api_error(HTTPNotFound, "not_found", f"there is no resource at {request.path}")
+    def dispatch(self, request: Request, path: str | None) -> Response:
+        """The handler's response for `request` at `path` (None: not UTF-8); raises `webob.exc` exceptions for
+        rejections."""
+        if path is None:
+            raise api_error(HTTPBadRequest, "bad_path", "the request path is not UTF-8 once its %XX escapes are undone")
+        endpoint, _, allowed, parameters = self.route(path)
+        if endpoint is None or "//" in path:
+            # An empty segment names nothing (nginx merges slashes before it matches a location, so the app sees
+            # the client's own path in REQUEST_URI).
+            raise api_error(HTTPNotFound, "not_found", f"there is no resource at {path!r}")
         if request.method not in allowed:
             raise api_error(
                 HTTPMethodNotAllowed, "method_not_allowed",
-                f"{request.method} is not allowed on {request.path}; use {', '.join(allowed)}", allow=allowed,
+                f"{request.method} is not allowed on {path}; use {', '.join(allowed)}", allow=allowed,
             )
         return getattr(self, f"on_{endpoint}")(request, **parameters)
 
@@ -153,10 +158,8 @@ class SegmentationApp:
         data = read_image(request, self.settings.max_body_bytes)
         try:
             result = self.segmenter.segment(data, full_pixels=answer == "overlay")
-        except ImageTooLargeError as error:
-            raise api_error(HTTPRequestEntityTooLarge, error.code, str(error)) from None
         except ImageError as error:
-            raise api_error(HTTPBadRequest, error.code, str(error)) from None
+            raise image_error(error) from None
         encode_started = self.clock()
         body = self.encode(answer, result)
         timings = {**result.timings, "encode": self.clock() - encode_started}
@@ -193,13 +196,21 @@ class SegmentationApp:
         return _json_response({"status": "ok"})
 
     def on_readyz(self, request: Request) -> Response:
-        """Readiness: 200 once the model is loaded and warm; 503 before, and while the instance drains."""
+        """Readiness: 200 once the model is loaded and warm; 503 before, while the instance drains, and while its run
+        folder is full."""
         self._require_ready()
         drain_file = self.settings.drain_file
         if drain_file is not None and drain_file.exists():
             raise api_error(
                 HTTPServiceUnavailable, "draining",
                 "this instance is stopping; it still answers requests, but send new ones elsewhere", retry_after=1,
+            )
+        # Its workers still serve, but without metrics files: out of the balancer, and replaced with a fresh folder.
+        if self.metrics.folder_full():
+            raise api_error(
+                HTTPServiceUnavailable, "run_folder_full",
+                "the run folder's file system is full: this instance answers requests, but its workers' metrics are "
+                "off; free or enlarge it (docs/operations.md, \"The run folder\")", retry_after=1,
             )
         return _json_response({"status": "ready", "model": _model_summary(self.segmenter.card)})
 
@@ -272,15 +283,33 @@ class SegmentationApp:
                 HTTPServiceUnavailable, "not_ready", "the model is loading; try again shortly", retry_after=1
             )
 
-    def _account(self, request: Request, response: Response, request_id: str, elapsed: float) -> None:
-        route = self.route(request.path_info)[1]
+    def _account(self, request: Request, path: str | None, response: Response, request_id: str,
+                 elapsed: float) -> None:
+        route = "other" if path is None else self.route(path)[1]
         method = request.method if request.method in _METHOD_LABELS else "other"
         self.metrics.observe_request(route, method, response.status_code, elapsed)
         access_log.info(
             "%s %s %d %d %.1fms request_id=%s",
-            request.method, request.path, response.status_code, response.content_length or 0, elapsed * 1000,
-            request_id,
+            method, request.environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8", "backslashreplace")
+            if path is None else path,
+            response.status_code, response.content_length or 0, elapsed * 1000, request_id,
         )
+
+
+def request_path(environ: dict) -> str | None:
+    """The request's path as text, or None when its bytes are not UTF-8 (WSGI hands them over as latin-1).
+
+    Where the server passes the client's own URI (REQUEST_URI: uWSGI behind nginx, which merges "//" into "/"
+    before the app sees PATH_INFO), an empty segment in it is kept, so that it is answered as the unknown path it is.
+    """
+    try:
+        path = environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return None
+    raw = environ.get("REQUEST_URI", "").partition("?")[0]
+    if "//" in raw and "//" not in path:
+        return raw
+    return path
 
 
 def _model_summary(card: dict) -> dict:
@@ -326,7 +355,9 @@ def make_app(settings: Settings | None = None, segmenter: Segmenter | None = Non
         configure_logging(settings.log_level)
     logging.getLogger("segapp").setLevel(settings.log_level)
     if segmenter is None:
-        segmenter = Segmenter(settings.model, settings.threads, settings.max_pixels).load()
+        segmenter = Segmenter(settings.model, settings.threads, settings.max_pixels,
+                              max_decode_bytes=settings.max_decode_bytes,
+                              decode_cpu_seconds=settings.decode_cpu_seconds).load()
     if settings.engine_delay_ms and segmenter.engine is not None:
         segmenter.engine = DelayedEngine(segmenter.engine, settings.engine_delay_ms)
     metrics = metrics or Metrics.from_env()

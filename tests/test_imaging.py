@@ -2,23 +2,29 @@
 
 import io
 import struct
+import time
 import zlib
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from segapp import imaging
 from segapp.imaging import (
     MAX_SIDE,
     PALETTE,
+    DecodeBudgetError,
     EmptyImageError,
     ImageTooLargeError,
     UndecodableImageError,
+    UnsupportedImageFormatError,
     decode_image,
+    image_size,
     mask_to_png,
     overlay,
     overlay_to_jpeg,
 )
+from tests import hostile
 
 LIMIT = 40_000_000
 
@@ -220,15 +226,26 @@ def test_flat_jpeg_of_many_pixels_and_few_bytes_decodes():
 
 
 @pytest.mark.parametrize("fmt, mode", [
-    ("JPEG", "RGB"), ("PNG", "RGB"), ("WEBP", "RGB"), ("GIF", "P"), ("BMP", "RGB"), ("TIFF", "RGB"), ("TGA", "RGB"),
-    ("PCX", "RGB"), ("ICO", "RGBA"), ("JPEG2000", "RGB"), ("PPM", "RGB"), ("SGI", "RGB"), ("QOI", "RGBA"),
-    ("DDS", "RGB"),
+    ("JPEG", "RGB"), ("PNG", "RGB"), ("WEBP", "RGB"), ("GIF", "P"), ("BMP", "RGB"), ("TIFF", "RGB"),
 ])
 @pytest.mark.parametrize("kept", [0.3, 0.6, 0.9])
 def test_truncated_file_of_each_format_is_refused(fmt, mode, kept):
     data = encode(noisy(200, 150).convert(mode), fmt)
     with pytest.raises(UndecodableImageError):
         decode_image(data[: int(len(data) * kept)], LIMIT)
+
+
+@pytest.mark.parametrize("fmt, mode", [
+    ("TGA", "RGB"), ("PCX", "RGB"), ("ICO", "RGBA"), ("JPEG2000", "RGB"), ("PPM", "RGB"), ("SGI", "RGB"),
+    ("QOI", "RGBA"), ("DDS", "RGB"), ("AVIF", "RGB"),
+])
+def test_formats_not_taken_are_refused_by_name(fmt, mode):
+    data = encode(noisy(200, 150).convert(mode), fmt)
+    with pytest.raises(UnsupportedImageFormatError, match=f"{fmt} images are not accepted") as caught:
+        decode_image(data, LIMIT)
+    assert caught.value.code == "unsupported_image_format"
+    with pytest.raises((UnsupportedImageFormatError, UndecodableImageError)):  # a header cut short names nothing
+        decode_image(data[: len(data) // 2], LIMIT)
 
 
 @pytest.mark.parametrize("size", [(70_000, 2), (2, 70_000), (40_000_000, 1)])
@@ -240,15 +257,12 @@ def test_side_over_the_jpeg_limit_is_refused_from_the_header(size):
     assert decode_image(encode(Image.new("L", (MAX_SIDE, 2)), "PNG"), LIMIT).width == MAX_SIDE
 
 
-def test_icon_larger_than_its_header_says_is_refused():
-    inner = encode(Image.new("RGBA", (200, 200), (1, 2, 3, 255)), "PNG")
-    icon = bytearray(encode(Image.new("RGBA", (16, 16)), "ICO", sizes=[(16, 16)]))
-    offset = int.from_bytes(icon[18:22], "little")
-    icon = icon[:offset] + inner
-    icon[14:18] = len(inner).to_bytes(4, "little")
-    assert icon[6:8] == b"\x10\x10"  # the header says 16 x 16
+def test_gif_frame_larger_than_its_screen_is_refused():
+    """A GIF's screen says 16 x 16; its frame is 200 x 200 (Pillow grows the image to hold it)."""
+    gif = bytearray(encode(Image.new("P", (200, 200), 1), "GIF"))
+    gif[6:10] = struct.pack("<HH", 16, 16)
     with pytest.raises(ImageTooLargeError):
-        decode_image(bytes(icon), 10_000)
+        decode_image(bytes(gif), 10_000)
 
 
 def test_pillow_keeps_its_decompression_bomb_guard():
@@ -273,8 +287,9 @@ class BuggyImageFile(ImageFile.ImageFile):
 
 
 @pytest.fixture
-def buggy_format():
+def buggy_format(monkeypatch):
     Image.register_open(BuggyImageFile.format, BuggyImageFile, lambda prefix: prefix[:5] == b"BUGGY")
+    monkeypatch.setattr(imaging, "ACCEPTED_FORMATS", (*imaging.ACCEPTED_FORMATS, BuggyImageFile.format))
     yield
     Image.OPEN.pop(BuggyImageFile.format)
     Image.ID.remove(BuggyImageFile.format)
@@ -311,3 +326,62 @@ def test_overlay_blends_half_way_in_bands_of_a_tall_image():
 def test_overlay_refuses_a_mask_of_another_size():
     with pytest.raises(ValueError, match="mask"):
         overlay(Image.new("RGB", (4, 4)), np.zeros((3, 4), np.uint8))
+
+
+# --- budgets: what a decode may cost, decided from the header and enforced while it runs ------------------------
+
+
+def cpu_seconds_of(call) -> tuple[float, BaseException | None]:
+    started = time.thread_time()
+    try:
+        call()
+    except Exception as error:  # the error is part of what the caller asserts
+        return time.thread_time() - started, error
+    return time.thread_time() - started, None
+
+
+@pytest.mark.parametrize("repeats", [100, 300, 1000])
+def test_progressive_jpeg_of_repeated_scans_is_refused_from_its_markers(repeats):
+    """100 copies of a refinement scan were 2.9 s of decoding, 1000 were over harakiri's 30 s: refused unread."""
+    seconds, error = cpu_seconds_of(lambda: decode_image(hostile.repeated_scan_jpeg(repeats), LIMIT, draft_size=128))
+    assert isinstance(error, DecodeBudgetError) and error.code == "decode_budget_exceeded", error
+    assert "blocks" in str(error) and seconds < 0.5
+
+
+def test_progressive_jpeg_within_the_budget_decodes():
+    decoded = decode_image(hostile.repeated_scan_jpeg(1), LIMIT, draft_size=128)
+    assert (decoded.width, decoded.height) == (6000, 6000)
+
+
+def test_jpeg_of_millions_of_comments_is_refused_at_once():
+    seconds, error = cpu_seconds_of(lambda: decode_image(hostile.comment_flood_jpeg(2_600_000), LIMIT))
+    assert isinstance(error, UndecodableImageError) and "marker segments" in str(error), error
+    assert seconds < 0.5  # 4.5 s in Pillow's marker loop before
+
+
+def test_decode_past_its_cpu_budget_is_stopped():
+    """800,000 empty PNG chunks are 2.5 s of Pillow's chunk loop; the decode stops at its budget."""
+    seconds, error = cpu_seconds_of(lambda: decode_image(hostile.chunk_flood_png(800_000), LIMIT, cpu_seconds=0.2))
+    assert isinstance(error, DecodeBudgetError) and "CPU time budget of 0.2 s" in str(error), error
+    assert seconds < 1.0
+
+
+def test_webp_whose_decoding_needs_more_memory_than_the_budget_is_refused_from_its_header():
+    data = hostile.tiny_lossless_webp()  # 1.6 KB
+    with pytest.raises(DecodeBudgetError, match=r"WEBP of 16383x2441 .* over the budget of 256 MiB"):
+        decode_image(data, LIMIT)
+    assert decode_image(hostile.tiny_lossless_webp(3000, 2000), LIMIT).width == 3000
+
+
+@pytest.mark.parametrize("fmt, mode, size", [("PNG", "RGB", (7300, 5440)), ("JPEG", "RGB", (7300, 5440))])
+def test_forty_megapixel_photographs_are_within_the_default_budgets(fmt, mode, size):
+    data = hostile.encoded(Image.new(mode, size, (40, 90, 160)), fmt)
+    assert decode_image(data, LIMIT).image.size == size
+
+
+def test_image_size_reads_the_header_with_the_same_refusals():
+    assert image_size(encode(Image.new("RGB", (30, 20)), "PNG"), LIMIT) == (30, 20)
+    with pytest.raises(ImageTooLargeError):
+        image_size(png_bomb(), LIMIT)
+    with pytest.raises(UnsupportedImageFormatError):
+        image_size(encode(Image.new("RGB", (30, 20)), "PPM"), LIMIT)

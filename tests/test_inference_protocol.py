@@ -306,7 +306,9 @@ def pixels_tensor(**changes) -> dict:
     ({"inputs": [pixels_tensor(data=[[0, 0, 0], [0]])]}, "whole numbers"),
     ({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [2, 2, 3]}]}, "no 'data'"),
     ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["not base64!"]}]}, "base64"),
-    ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": ["AAAA"]}]}, "2 BYTES elements"),
+    ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": ["AAAA"]}]},
+     "holds 1 elements; its shape says 2"),
+    ({"inputs": [pixels_tensor(parameters={"binary_data_size": 12})]}, "both 'data' and a binary_data_size"),
     ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [0], "data": []}]}, "holds no image"),
     ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1, 1], "data": ["AAAA"]}]}, "shape [N]"),
     ({"inputs": [pixels_tensor()], "outputs": [{"name": "logits"}]}, "unknown output 'logits'"),
@@ -323,6 +325,74 @@ def pixels_tensor(**changes) -> dict:
 ])
 def test_bad_request_or_tensor_is_400(app, request_body, says):
     assert says in protocol_error(send(app, request_body, status=400), 400)
+
+
+def raw_send(app: TestApp, body: bytes, status: int, headers: dict | None = None,
+             content_type: str = "application/json"):
+    blank = TestRequest.blank(INFER, method="POST", headers=headers or {})
+    blank.body = body
+    blank.environ["CONTENT_TYPE"] = content_type
+    return app.do_request(blank, status=status)
+
+
+VALID = json.dumps({"inputs": [pixels_tensor()]}).encode()
+
+
+@pytest.mark.parametrize("body, says", [
+    (b'{"inputs": [' + b"[" * 990 + b"]" * 990 + b"]}", "nests 992 deep; at most 32"),
+    (b'{"inputs": [{"name": "image", "data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}]}", "at most 32 levels"),
+    (b'{"id": ' + b"[" * 100_000 + b"}", "at most 32 levels"),
+    (b"[" * 100_000, "at most 32 levels"),
+    (b'{"parameters": {' + b",".join(b'"k%d": 1' % i for i in range(700)) + b"}}", "has 701 keys; at most 256"),
+    (VALID[:-1] + b', "inputs": []}', "names 'inputs' twice"),
+    (b"\xef\xbb\xbf" + VALID, "BOM"),
+    (VALID.decode().encode("utf-16"), "not UTF-8"),
+    (VALID.decode().encode("utf-32"), "not UTF-8"),
+    (b'{"inputs": "\xff"}', "not UTF-8"),
+])
+def test_json_that_costs_or_misleads_is_400_before_it_is_parsed(app, body, says):
+    assert says in protocol_error(raw_send(app, body, 400), 400)
+
+
+def test_json_structure_is_counted_outside_strings(app):
+    """Brackets, colons and escaped quotes inside strings are text, not structure: such a request is served."""
+    request = {"id": '[[[[{{{{:::"\\' * 40, "inputs": [pixels_tensor()]}
+    response = send(app, request)
+    assert response.json["id"] == request["id"]
+
+
+@pytest.mark.parametrize("length", [" 111 ", "+111", "0_111", "1e2", "\u0661\u0661", "-1", "0x10"])
+def test_header_length_other_than_decimal_digits_is_400(app, length):
+    header = json.dumps({"inputs": [pixels_tensor(parameters={"binary_data_size": 12})]}).encode()
+    body = header + bytes(12)
+    response = raw_send(app, body, 400, {"Inference-Header-Content-Length": length}, "application/octet-stream")
+    assert "decimal digits" in protocol_error(response, 400)
+
+
+def test_bytes_elements_beyond_the_shape_are_refused_without_reading_them_all(app):
+    tensor = {"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 4 * 2_600_000}}
+    response = send(app, {"inputs": [tensor]}, [bytes(4 * 2_600_000)], 400)
+    assert "more than the 1 elements of its shape" in protocol_error(response, 400)
+
+
+def test_json_mask_over_the_answer_limit_is_413_and_binary_is_served(app, monkeypatch):
+    from segapp import inference_protocol
+
+    monkeypatch.setattr(inference_protocol, "MAX_JSON_ANSWER_BYTES", 2 * 4 * 4 - 1)
+    request = {"inputs": [pixels_tensor(shape=[4, 4, 3], data=[0] * 48)]}
+    assert "ask for it as binary data" in protocol_error(send(app, request, status=413), 413)
+    request["outputs"] = [{"name": "mask", "parameters": {"binary_data": True}}]
+    assert outputs_of(send(app, request))["mask"].shape == (4, 4)
+    request["outputs"] = [{"name": "class_fractions"}]
+    assert outputs_of(send(app, request))["class_fractions"].shape == (3,)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG2000", "PPM"])
+def test_bytes_image_of_a_format_not_taken_is_415(app, fmt):
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(out, format=fmt)
+    tensor, binary = bytes_input([out.getvalue()])
+    assert f"{fmt} images are not accepted" in protocol_error(send(app, {"inputs": [tensor]}, binary, 415), 415)
 
 
 def test_binary_data_that_disagrees_with_the_shape_is_400(app):
@@ -392,7 +462,9 @@ def test_bytes_image_over_the_pixel_limit_is_413(app, png_bomb):
 def test_bytes_batch_over_the_pixel_limit_together_is_413(app_for, fake_segmenter, make_image):
     app = app_for(fake_segmenter, Settings(max_pixels=5_000))
     tensor, data = bytes_input([make_image("PNG", (60, 50))] * 2)
-    assert "image 2 of 2" in protocol_error(send(app, {"inputs": [tensor]}, data, 413), 413)
+    # The sum of the two headers' sizes, before either image is decoded.
+    assert "images hold 6000 pixels, over the limit of 5000" in protocol_error(
+        send(app, {"inputs": [tensor]}, data, 413), 413)
 
 
 def test_batch_over_max_batch_is_413(app, make_image):

@@ -656,3 +656,24 @@ def test_request_refused_before_its_body_is_used_still_has_its_body_read(app, jp
         request.headers["Accept"] = accept
     assert request.get_response(app.app).status_int == status
     assert body.tell() == len(jpeg_500x375)
+
+
+@pytest.mark.parametrize("path", ["/\xff", "/healthz\xff", "/metrics\xff", "/v2/\xff", "/\xc0\xaf", "/infer\xff"])
+@pytest.mark.parametrize("method", ["GET", "HEAD", "POST"])
+def test_path_that_is_not_utf8_is_a_json_400(app, path, method):
+    """WSGI hands the path over as latin-1 text; bytes that are not UTF-8 once decoded are the client's fault."""
+    request = TestRequest.blank("/", method=method)
+    request.environ["PATH_INFO"] = path  # what a server puts there for %ff
+    response = app.do_request(request, status=400)
+    if method != "HEAD":
+        assert response.json["error"]["code"] == "bad_path"
+
+
+@pytest.mark.parametrize("uri", ["/v2/models//infer", "/v2/models/segapp-unet/versions//infer", "//healthz"])
+def test_path_with_an_empty_segment_is_404_though_the_server_merged_it(app, uri):
+    """nginx merges "//" in PATH_INFO before the app sees it; REQUEST_URI keeps the client's path."""
+    merged = "/" + "/".join(part for part in uri.split("/") if part)
+    request = TestRequest.blank(merged, method="POST" if uri.endswith("infer") else "GET")
+    request.environ["REQUEST_URI"] = uri
+    response = app.do_request(request, status=404)
+    assert "error" in response.json
