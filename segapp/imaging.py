@@ -38,6 +38,9 @@ MAX_SIDE = 65_500
 _BAND_ROWS = 256
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Encoders write image data in chunks of 8 KB (libpng) or more: a 10 MB PNG has some 1,300. Each chunk is a turn
+# of Pillow's chunk loop, in Python (800,000 empty ones were 2.5 s of a worker).
+MAX_PNG_CHUNKS = 16_384
 
 # The formats taken, by Pillow's names (its JPEG reader also opens MPO, a JPEG with more frames): each one's decoding
 # cost is known from its header (docs/api.md, "Budgets"). Pillow reads more, but not all within a bound: a 772-byte
@@ -192,6 +195,8 @@ def _open(data: bytes, cpu_seconds: float, max_pixels: int):
             f"the JPEG's scans pass over {jpeg.block_scans} blocks, about "
             f"{jpeg.block_scans * _SECONDS_PER_BLOCK_SCAN:.1f} s of decoding, over the budget of {cpu_seconds:g} s"
         )
+    if data[:8] == _PNG_SIGNATURE and (chunks := _png_chunks_over(data, MAX_PNG_CHUNKS)):
+        raise UndecodableImageError(f"the PNG has more than {chunks} chunks; a photograph has a few thousand at most")
     source = _BudgetedReader(data, time.thread_time() + cpu_seconds, cpu_seconds)
     try:
         return Image.open(source, formats=ACCEPTED_FORMATS), jpeg
@@ -205,6 +210,17 @@ def _open(data: bytes, cpu_seconds: float, max_pixels: int):
         if not (isinstance(exc, _CODEC_ERRORS) or _raised_in_pillow(exc)):
             raise
         raise UndecodableImageError("the body is not an image in a supported format") from exc
+
+
+def _png_chunks_over(data: bytes, limit: int) -> int:
+    """`limit` when the PNG in `data` has more chunks than that, else 0: the chunk headers are walked, not read."""
+    position, chunks = len(_PNG_SIGNATURE), 0
+    while position + 8 <= len(data):
+        chunks += 1
+        if chunks > limit:
+            return limit
+        position += 12 + int.from_bytes(data[position : position + 4], "big")
+    return 0
 
 
 class _BudgetedReader(io.BytesIO):

@@ -359,11 +359,18 @@ def test_jpeg_of_millions_of_comments_is_refused_at_once():
     assert seconds < 0.5  # 4.5 s in Pillow's marker loop before
 
 
+def test_png_of_a_million_chunks_is_refused_at_once():
+    """800,000 empty PNG chunks were 2.5 s of Pillow's chunk loop."""
+    seconds, error = cpu_seconds_of(lambda: decode_image(hostile.chunk_flood_png(800_000), LIMIT))
+    assert isinstance(error, UndecodableImageError) and "more than 16384 chunks" in str(error), error
+    assert seconds < 0.5
+
+
 def test_decode_past_its_cpu_budget_is_stopped():
-    """800,000 empty PNG chunks are 2.5 s of Pillow's chunk loop; the decode stops at its budget."""
-    seconds, error = cpu_seconds_of(lambda: decode_image(hostile.chunk_flood_png(800_000), LIMIT, cpu_seconds=0.2))
-    assert isinstance(error, DecodeBudgetError) and "CPU time budget of 0.2 s" in str(error), error
-    assert seconds < 1.0
+    """16,000 empty chunks pass the chunk limit and cost Pillow some 40 ms: a budget of 10 ms stops them."""
+    seconds, error = cpu_seconds_of(lambda: decode_image(hostile.chunk_flood_png(16_000), LIMIT, cpu_seconds=0.01))
+    assert isinstance(error, DecodeBudgetError) and "CPU time budget of 0.01 s" in str(error), error
+    assert decode_image(hostile.chunk_flood_png(16_000), LIMIT).width == 64
 
 
 def test_webp_whose_decoding_needs_more_memory_than_the_budget_is_refused_from_its_header():
