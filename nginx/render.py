@@ -6,13 +6,15 @@ than start an nginx that listens or limits differently from what was asked:
 
     listen 80;  listen [::]:80;           -> listen ADDRESS:PORT; (SEGAPP_ADDRESS, default 127.0.0.1: loopback only)
     unix:/run/segapp/app.sock (3 times)   -> unix:RUN/app.sock
-    /var/log/nginx/segapp.access.log      -> access.log under the prefix
+    /var/log/nginx/segapp.access.log      -> access.log under the prefix, or SEGAPP_NGINX_ACCESS_LOG (the image:
+                                             /dev/stderr: 157 bytes a request would fill the run folder's tmpfs)
     rate=300r/s, burst=300                <- SEGAPP_NGINX_RATE (e.g. 5r/s), SEGAPP_NGINX_BURST
     max_conns=32 (twice)                  <- SEGAPP_NGINX_MAX_INFLIGHT (requests at the workers, all clients), halved
     limit_conn segapp_per_client 16;      <- SEGAPP_NGINX_MAX_INFLIGHT_PER_CLIENT (requests in flight, one address)
     # set_real_ip_from: none              <- SEGAPP_NGINX_TRUSTED_PROXIES (addresses or CIDRs, space-separated)
     uwsgi_read_timeout 60s;               <- SEGAPP_NGINX_READ_TIMEOUT (e.g. 2s; keep it above harakiri)
     client_max_body_size 10m;             <- SEGAPP_MAX_BODY_BYTES, the app's own limit
+    client_body_buffer_size 10m;          <- the same: every body is held in memory, none in the run folder
     root /srv/segapp/web;                 -> root REPO/web; (the try-it page of this checkout)
 
 Standard library only: it runs before the virtual environment is known. Usage:
@@ -50,7 +52,8 @@ def site_substitutions(run_dir: Path, port: int, environ) -> dict[str, str]:
         "listen 80;": f"listen {_address(environ.get('SEGAPP_ADDRESS') or '127.0.0.1')}:{port};",
         "listen [::]:80;": "# (IPv6 listen dropped: one address, SEGAPP_ADDRESS)",
         APP_SOCKET: f"unix:{run_dir / 'app.sock'}",
-        "access_log /var/log/nginx/segapp.access.log segapp;": "access_log access.log segapp;",
+        "access_log /var/log/nginx/segapp.access.log segapp;":
+            f"access_log {_log_path(environ.get('SEGAPP_NGINX_ACCESS_LOG') or 'access.log')} segapp;",
         "root /srv/segapp/web;": f'root "{WEB_ROOT}";',
     }
     rate = environ.get("SEGAPP_NGINX_RATE")
@@ -86,6 +89,7 @@ def site_substitutions(run_dir: Path, port: int, environ) -> dict[str, str]:
     if body:
         limit = _whole(body.replace("_", ""), "SEGAPP_MAX_BODY_BYTES")
         subs["client_max_body_size 10m;"] = f"client_max_body_size {limit};"
+        subs["client_body_buffer_size 10m;"] = f"client_body_buffer_size {limit};"
     return subs
 
 
@@ -156,6 +160,12 @@ def _network(raw: str) -> str:
         raise RenderError(
             f"SEGAPP_NGINX_TRUSTED_PROXIES: {raw!r} is not an address or a network such as 10.0.0.0/8"
         ) from None
+
+
+def _log_path(raw: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9._/-]+", raw):
+        raise RenderError(f"SEGAPP_NGINX_ACCESS_LOG={raw!r}: expected a file path such as access.log or /dev/stderr")
+    return raw
 
 
 def _whole(raw: str, name: str) -> int:

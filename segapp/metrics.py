@@ -5,7 +5,8 @@ prometheus_client's multiprocess mode does that when PROMETHEUS_MULTIPROC_DIR na
 exists before the workers start (and is emptied when the master starts). The variable is prometheus_client's
 own and it reads it when it is imported, so it must be in the environment of the process from the start
 (uWSGI's `env =` option), not set later. Without it, each app keeps its metrics in a registry of its own.
-The folder stays as small as the processes alive: see segapp.metrics_folder.
+The folder stays as small as the processes alive: see segapp.metrics_folder. Its files' space is reserved before they
+are mapped, so a full folder costs a process its metrics files, never its life: see segapp.metrics_files.
 
 Metrics (route = route template or "other", never the raw path, so the label has a handful of values):
 
@@ -22,12 +23,16 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from segapp.metrics_files import INITIAL_SIZE, reserved_value_class
 from segapp.metrics_folder import MetricsFolder
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Below this much free space the folder counts as full (/readyz): a new worker's four files (64 KiB each) and a merge's
+# new archives (a copy of the counter and histogram archives, 64 KiB each until hundreds of label sets) fit in it twice.
+MIN_FREE_BYTES = 16 * INITIAL_SIZE
 
 # Stages take from a fraction of a millisecond (encoding a small mask) to seconds (decoding a 40 MP image).
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -45,14 +50,20 @@ class Metrics:
     once it ends, however it ends.
     """
 
-    def __init__(self, multiprocess_dir: str | os.PathLike | None = None):
+    def __init__(self, multiprocess_dir: str | os.PathLike | None = None, min_free_bytes: int = MIN_FREE_BYTES):
         self.multiprocess_dir = os.fspath(multiprocess_dir) if multiprocess_dir else None
+        self.min_free_bytes = min_free_bytes
         self.folder = MetricsFolder(self.multiprocess_dir) if self.multiprocess_dir else None
         if self.folder:
             self.folder.enter()
         # In multiprocess mode metrics belong to no registry: their values are in files, read at scrape time.
         self.registry = None if self.multiprocess_dir else CollectorRegistry()
         registry = self.registry
+        # Where prometheus_client maps files for values (PROMETHEUS_MULTIPROC_DIR was set when it was imported: every
+        # uWSGI worker), they are mapped by segapp.metrics_files instead, which reserves their space first. Values of
+        # labelled metrics are made at their first use, so the class stays set for the process.
+        if self.folder and getattr(values.ValueClass, "_multiprocess", False):
+            values.ValueClass = reserved_value_class(self.multiprocess_dir)
         self.requests = Counter(
             "segapp_requests", "HTTP requests answered, by route template, method and status.",
             ("route", "method", "status"), registry=registry,
@@ -77,6 +88,13 @@ class Metrics:
             "segapp_model_info", "The model being served (value 1).",
             ("name", "version", "engine"), registry=registry, multiprocess_mode="livemax",
         )
+
+    def folder_full(self) -> bool:
+        """In multiprocess mode, whether the metrics folder's file system has under `min_free_bytes` left."""
+        if not self.folder:
+            return False
+        stats = os.statvfs(self.multiprocess_dir)
+        return stats.f_bavail * stats.f_frsize < self.min_free_bytes
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Metrics:

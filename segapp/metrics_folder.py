@@ -15,6 +15,10 @@ PR #518) is applied here, with the locking that PR's review asked for:
 - a process is alive while it holds the flock of its `alive_PID.lock` (taken by `enter`): the kernel releases it
   however the process ends, SIGKILL included, and a later process given the same pid does not inherit it. A process
   that never entered is alive while its pid exists.
+
+On a full file system a merge cannot write its archive (segapp.metrics_files reserves the space first, so this is an
+OSError, not a SIGBUS): the ended processes' counters and histograms then stay in their own files, where they still
+count, and a later merge, when there is room, absorbs them.
 """
 
 from __future__ import annotations
@@ -22,11 +26,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 
-from prometheus_client.mmap_dict import MmapedDict, mmap_key
+from prometheus_client.mmap_dict import mmap_key
 from prometheus_client.multiprocess import MultiProcessCollector
+
+from segapp.metrics_files import ReservedMmapedDict
+
+log = logging.getLogger(__name__)
 
 ARCHIVE = "archive"
 LOCK_NAME = "merge.lock"
@@ -38,6 +47,8 @@ _ALIVE_FILE = re.compile(r"^alive_(?P<pid>\d+)\.lock$")
 
 # (folder, pid) -> the descriptor whose flock says that process is alive; kept open for the process's life.
 _entered: dict[tuple[str, int], int] = {}
+# The first merge this process gave up for want of space, so that it is logged once, not at every scrape.
+_abandoned: list[OSError] = []
 
 
 class MetricsFolder:
@@ -146,11 +157,15 @@ class MetricsFolder:
                 if prefix in MERGED_TYPES:
                     sources.setdefault(prefix, []).append(name)
         if sources:
-            journal = {typ: self._merge(typ, names) for typ, names in sources.items()}
-            _write_json(self._journal_path, journal)
-            for typ in journal:
-                os.replace(self._archive_path(typ) + ".new", self._archive_path(typ))
-            self._finish_journal()
+            try:
+                journal = {typ: self._merge(typ, names) for typ, names in sources.items()}
+                _write_json(self._journal_path, journal)
+            except OSError as error:
+                self._abandon_merge(sources, error)
+            else:
+                for typ in journal:
+                    os.replace(self._archive_path(typ) + ".new", self._archive_path(typ))
+                self._finish_journal()
         for pid in pids:
             for name in by_pid.get(pid, []):
                 if name.startswith("gauge_live"):
@@ -160,13 +175,22 @@ class MetricsFolder:
                 os.close(descriptor)
             _remove(self._alive_path(pid))
 
+    def _abandon_merge(self, sources: dict[str, list[str]], error: OSError) -> None:
+        """No room for the new archives (or the journal): delete what was written; the sources stay and count."""
+        for typ in sources:
+            _remove(self._archive_path(typ) + ".new")
+        if not _abandoned:
+            _abandoned.append(error)
+            log.warning("metrics of ended processes left unmerged in %s (%s): they still count; merged once there is "
+                        "room", self.path, error)
+
     def _merge(self, typ: str, names: list[str]) -> dict:
         """Writes the archive of `typ` plus files `names` beside the archive; returns its journal entry."""
         archive = self._archive_path(typ)
         inputs = [archive] if os.path.exists(archive) else []
         inputs += [os.path.join(self.path, name) for name in names]
         _remove(archive + ".new")  # left by a merge killed before its journal: MmapedDict would read it back
-        merged = MmapedDict(archive + ".new")
+        merged = ReservedMmapedDict(archive + ".new")
         try:
             # accumulate=False: the values as stored (histogram buckets not cumulated), fit to be written back.
             for metric in MultiProcessCollector.merge(inputs, accumulate=False):

@@ -276,3 +276,15 @@ def test_from_env_chooses_multiprocess_mode_by_variable(tmp_path, variable, mult
     metrics = Metrics.from_env(environ)
     assert (metrics.multiprocess_dir is not None) is multiprocess
     assert (metrics.registry is None) is multiprocess
+
+
+def test_readyz_says_when_the_metrics_folder_is_full(tmp_path, app_for, fake_segmenter):
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    roomy = app_for(fake_segmenter, Settings(), Metrics(tmp_path, min_free_bytes=free // 2))
+    assert roomy.get("/readyz").json["status"] == "ready"
+    full = app_for(fake_segmenter, Settings(), Metrics(tmp_path, min_free_bytes=free * 2))
+    answer = full.get("/readyz", status=503)
+    assert answer.json["error"]["code"] == "run_folder_full"
+    assert answer.headers["Retry-After"] == "1"
+    full.get("/v2/health/ready", status=503)
+    full.get("/healthz", status=200)  # it still serves
