@@ -188,6 +188,8 @@ def _open(data: bytes, cpu_seconds: float, max_pixels: int):
     if not data:
         raise EmptyImageError("the request body is empty; send the bytes of an image")
     jpeg = inspect_jpeg(data) if data[:2] == b"\xff\xd8" else None
+    if jpeg is not None and jpeg.size is not None:
+        _check_size(*jpeg.size, max_pixels)  # a frame over the limits is that, whatever else is wrong with it
     if jpeg is not None and jpeg.problem:
         raise UndecodableImageError(f"the image data is truncated or corrupt: {jpeg.problem}")
     if jpeg is not None and jpeg.block_scans * _SECONDS_PER_BLOCK_SCAN > cpu_seconds:

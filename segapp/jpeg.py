@@ -42,6 +42,7 @@ class JpegFacts:
     progressive: bool = False
     coefficient_bytes: int = 0
     block_scans: int = 0
+    size: tuple[int, int] | None = None  # (width, height) of the frame header, when one was read
 
 
 def inspect_jpeg(data: bytes) -> JpegFacts:
@@ -54,14 +55,14 @@ def inspect_jpeg(data: bytes) -> JpegFacts:
     understand (arithmetic coding, lossless) are left to the decoder.
     """
     frame, components, shortest, done = None, {}, {}, {}
-    block_scans, segments = 0, 0
+    block_scans, segments, size = 0, 0, None
     position = 2
     while True:
         position = data.find(b"\xff", position)
         while 0 <= position < len(data) - 1 and data[position + 1] == 0xFF:
             position += 1  # fill bytes before a marker
         if position < 0 or position + 1 >= len(data):
-            return JpegFacts("the data ends before the JPEG's end marker")
+            return JpegFacts("the data ends before the JPEG's end marker", size=size)
         marker = data[position + 1]
         position += 2
         if marker == _EOI:
@@ -80,6 +81,8 @@ def inspect_jpeg(data: bytes) -> JpegFacts:
         position += length
         if marker in _FRAMES:
             frame, components = marker, _frame_components(segment)
+            if len(segment) >= 5:
+                size = (int.from_bytes(segment[3:5], "big"), int.from_bytes(segment[1:3], "big"))
             if components is None:
                 return JpegFacts()  # a frame header libjpeg will refuse on its own
             done = {component: set() for component in components}
@@ -90,7 +93,7 @@ def inspect_jpeg(data: bytes) -> JpegFacts:
             scan_end = end.start() if end else len(data)
             problem, blocks = _scan_problem(frame, components, shortest, done, segment, (scan_end - position) * 8)
             if problem:
-                return JpegFacts(problem)
+                return JpegFacts(problem, size=size)
             block_scans += blocks
             position = scan_end
     if frame is None:
@@ -98,10 +101,10 @@ def inspect_jpeg(data: bytes) -> JpegFacts:
     if frame in _SEQUENTIAL_HUFFMAN or frame == _PROGRESSIVE_HUFFMAN:
         for component, sent in done.items():
             if len(sent) < _COEFFICIENTS:
-                return JpegFacts(f"the JPEG's scans stop before component {component} is complete")
+                return JpegFacts(f"the JPEG's scans stop before component {component} is complete", size=size)
     progressive = frame in _PROGRESSIVE_FRAMES
     coefficients = sum(c["blocks"] for c in components.values()) * _COEFFICIENT_BYTES_PER_BLOCK if progressive else 0
-    return JpegFacts(None, progressive, coefficients, block_scans)
+    return JpegFacts(None, progressive, coefficients, block_scans, size)
 
 
 def _frame_components(segment: bytes) -> dict[int, dict] | None:

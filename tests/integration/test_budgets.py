@@ -225,3 +225,131 @@ def test_stack_still_serves_both_workers(stack):
         assert stack.infer(small).status == 200
     assert len(stack.worker_pids()) == 2
 
+
+
+# --- a fuzz over structure: JPEG markers and scans, PNG chunks, /v2 JSON ------------------------------------------
+
+STRUCTURE_FUZZ_BODIES = 1_500
+STRUCTURE_FUZZ_CONCURRENCY = 4
+
+
+def jpeg_segments(data: bytes) -> list[bytes]:
+    """A JPEG cut at its markers (each segment with its marker; a scan with its entropy-coded data)."""
+    cuts = [0] + [i for i in range(2, len(data) - 1) if data[i] == 0xFF and data[i + 1] not in (0x00, 0xFF)
+                  and not 0xD0 <= data[i + 1] <= 0xD7] + [len(data)]
+    return [data[a:b] for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+
+
+def png_chunks(data: bytes) -> list[bytes]:
+    chunks, position = [data[:8]], 8
+    while position + 12 <= len(data):
+        end = position + 12 + int.from_bytes(data[position : position + 4], "big")
+        chunks.append(data[position:end])
+        position = end
+    return chunks
+
+
+def rearranged(parts: list[bytes], rng) -> bytes:
+    """`parts` with some repeated (many times), dropped, swapped or moved: the file's structure mutated."""
+    parts = list(parts)
+    for _ in range(rng.randint(1, 4)):
+        if len(parts) < 3:
+            break
+        at = rng.randrange(1, len(parts))
+        action = rng.random()
+        if action < 0.4:
+            parts[at:at] = [parts[at]] * rng.choice((1, 2, 10, 100, 1000))
+        elif action < 0.6:
+            del parts[at]
+        elif action < 0.8:
+            other = rng.randrange(1, len(parts))
+            parts[at], parts[other] = parts[other], parts[at]
+        else:
+            parts.insert(rng.randrange(1, len(parts)), parts.pop(at))
+    return b"".join(parts)
+
+
+def json_mutant(rng) -> bytes:
+    """A /v2 request whose JSON is nested, repeated, retyped or cut in random places."""
+    tensor = {"name": "image", "datatype": rng.choice(["UINT8", "BYTES", "FP32"]),
+              "shape": rng.choice([[2, 2, 3], [1, 2, 2, 3], [1], [], [-1], [2, 2]]), "data": [0] * 12}
+    request = {"inputs": [tensor], "id": "x", "parameters": {}, "outputs": [{"name": "mask"}]}
+    text = json.dumps(request)
+    for _ in range(rng.randint(1, 3)):
+        at = rng.randint(0, len(text))
+        action = rng.random()
+        if action < 0.3:
+            depth = rng.choice((5, 40, 1000, 50_000))
+            text = text[:at] + "[" * depth + "]" * depth + text[at:]
+        elif action < 0.5:
+            text = text[:at] + "".join(f'"k{i}":{i},' for i in range(rng.choice((3, 300, 30_000)))) + text[at:]
+        elif action < 0.7:
+            text = text[:at] + rng.choice(['"', "{", "}", "[", "]", ",", ":", "\\", "\ufeff", "\x00"]) + text[at:]
+        elif action < 0.85:
+            text = text[:at]
+        else:
+            text = text.replace('"name"', '"name": "image", "name"', 1)
+    return text.encode("utf-8", "surrogatepass")
+
+
+def test_structure_fuzz_gets_no_5xx_and_no_slow_answer(stack, record_property):
+    """Progressive JPEGs with scans and markers repeated, dropped and moved, PNGs with chunks so rearranged, and /v2
+    JSON nested, repeated and cut: every body is sent once; sent = answered + unanswered, none unanswered, no 5xx,
+    every error JSON, none slower than ANSWERED_WITHIN_S, no worker death."""
+    import random
+
+    picture = Image.new("RGB", (320, 240))
+    ImageDraw.Draw(picture).ellipse((40, 30, 280, 210), fill=(200, 170, 120))
+    seeds = {
+        "jpeg": jpeg_segments(hostile.encoded(picture, "JPEG", progressive=True)),
+        "jpeg-gray": jpeg_segments(hostile.encoded(picture.convert("L"), "JPEG", progressive=True)),
+        "png": png_chunks(hostile.encoded(picture, "PNG")),
+    }
+    counts, slowest, lock = {"sent": 0, "answered": 0, "unanswered": 0, "5xx": 0, "non_json_errors": 0}, [0.0], \
+        threading.Lock()
+    statuses: dict[int, int] = {}
+    jobs = iter(range(STRUCTURE_FUZZ_BODIES))
+    before = deaths(stack)
+
+    def run(thread: int) -> None:
+        rng = random.Random(thread)
+        while True:
+            with lock:
+                if next(jobs, None) is None:
+                    return
+                counts["sent"] += 1
+            kind = rng.choice(["jpeg", "jpeg-gray", "png", "json"])
+            if kind == "json":
+                path, headers, body = V2_INFER, {"Content-Type": "application/json"}, json_mutant(rng)
+            else:
+                path, headers, body = "/infer", {"Content-Type": "image/*"}, rearranged(seeds[kind], rng)
+            started = time.monotonic()
+            try:
+                answer = stack.request("POST", path, body, headers, timeout=60)
+            except OSError:
+                with lock:
+                    counts["unanswered"] += 1
+                continue
+            elapsed = time.monotonic() - started
+            json_error = answer.status < 400 or answer.headers.get("Content-Type", "").startswith("application/json")
+            with lock:
+                counts["answered"] += 1
+                statuses[answer.status] = statuses.get(answer.status, 0) + 1
+                counts["5xx"] += answer.status >= 500
+                counts["non_json_errors"] += not json_error
+                slowest[0] = max(slowest[0], elapsed)
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(STRUCTURE_FUZZ_CONCURRENCY)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    summary = {**counts, "slowest_s": round(slowest[0], 2), "worker_deaths": deaths(stack) - before,
+               **{f"status_{status}": count for status, count in sorted(statuses.items())}}
+    for key, value in summary.items():
+        record_property(key, value)
+    print("\nstructure fuzz through nginx:", json.dumps(summary))
+    assert counts["sent"] == STRUCTURE_FUZZ_BODIES == counts["answered"] + counts["unanswered"], summary
+    assert counts["unanswered"] == 0 and counts["5xx"] == 0 and counts["non_json_errors"] == 0, summary
+    assert slowest[0] < ANSWERED_WITHIN_S and summary["worker_deaths"] == 0, summary
+    assert statuses.get(200, 0) > 0 and statuses.get(400, 0) > 0, summary  # both sides reached
