@@ -18,9 +18,11 @@ bytes; JSON: base64 strings). Outputs: "mask", UINT8 [H, W] class indices (with 
 "parameters" say `binary_data: true`, or the request's say `binary_data_output: true`.
 
 Statuses: 400 a request, tensor, shape, datatype or image that cannot be used, or a batch of BYTES images of
-different sizes; 404 an unknown model or version; 413 a body over the limit, or images over the pixel limit
-(a UINT8 tensor's from its declared shape, before its data is read; the batch's pixels count together) or a batch of
-more than MAX_BATCH images; 415 a Content-Type other than JSON or octet-stream; 503 while the model loads.
+different sizes; 404 an unknown model or version; 413 a body over the limit, images over the pixel limit (a UINT8
+tensor's from its declared shape, before its data is read; a batch's BYTES images summed from their headers before
+any is decoded), an image over its decoding budget, a batch of more than MAX_BATCH images, or a JSON answer over
+MAX_JSON_ANSWER_BYTES; 415 a Content-Type other than JSON or octet-stream, or an image format not taken; 503 while
+the model loads.
 """
 
 from __future__ import annotations
