@@ -100,8 +100,12 @@ def answer_if_any(connection: socket.socket, wait: float) -> int | None:
 
 
 def test_uploads_clients_never_finish_do_not_touch_the_run_folder(small_run_dir, large_png):
-    # The image's setting: nginx's access log in the container's log, not in the folder.
-    stack = start_stack(run_dir=small_run_dir, SEGAPP_NGINX_ACCESS_LOG="/dev/stderr")
+    # nginx's access log outside the folder, as the image has it (there: /dev/stderr, a pipe; here uWSGI's log is a
+    # file that uWSGI writes without O_APPEND, which would overwrite nginx's appended lines).
+    log_dir = make_run_dir()
+    log_dir.chmod(0o777)  # nginx runs as the user uWSGI dropped to
+    access_log = log_dir / "access.log"
+    stack = start_stack(run_dir=small_run_dir, SEGAPP_NGINX_ACCESS_LOG=str(access_log))
     held: list[socket.socket] = []
     try:
         free_before = free_bytes(small_run_dir)
@@ -123,12 +127,16 @@ def test_uploads_clients_never_finish_do_not_touch_the_run_folder(small_run_dir,
         # Everyone else's large upload is served meanwhile.
         answer = stack.request("POST", "/infer", large_png, {"Content-Type": "image/png"}, source="127.0.0.4")
         assert answer.status == 200 and answer.headers["Content-Type"] == "image/png"
-        assert '"POST /infer HTTP/1.1" 200' in stack.log()
+        deadline = time.monotonic() + 5  # nginx logs a request after its answer is sent
+        while '"POST /infer HTTP/1.1" 200' not in access_log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert '"POST /infer HTTP/1.1" 200' in access_log.read_text()
         assert not (small_run_dir / "nginx" / "access.log").exists()
     finally:
         for connection in held:
             connection.close()
         stack.stop()
+        shutil.rmtree(log_dir, ignore_errors=True)
 
 
 def test_a_full_run_folder_keeps_workers_serving(small_run_dir, jpeg, large_png):
