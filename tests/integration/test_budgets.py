@@ -83,6 +83,9 @@ def hostile_requests() -> list[tuple[str, str, str, dict, bytes, int, str]]:
         ("v2-utf16-body", "POST", V2_INFER, *v2_json(valid.encode("utf-16")), 400, "not UTF-8"),
         ("v2-bom-body", "POST", V2_INFER, *v2_json(b"\xef\xbb\xbf" + valid.encode()), 400, "BOM"),
         ("v2-duplicate-inputs", "POST", V2_INFER, *v2_json(valid[:-1].encode() + b', "inputs": []}'), 400, "twice"),
+        ("v2-data-beside-binary-data-size", "POST", V2_INFER,
+         *v2_json(valid.replace('"data"', '"parameters": {"binary_data_size": 12}, "data"').encode()), 400,
+         "both 'data' and a binary_data_size"),
         ("v2-empty-model-name", "POST", "/v2/models//infer", *v2_json(valid.encode()), 404, ""),
         ("v2-empty-version", "POST", "/v2/models/segapp-unet/versions//infer", *v2_json(valid.encode()), 404, ""),
     ]
