@@ -2,7 +2,8 @@
 nginx, a client at concurrency 16 posting photos for the whole of each test and checking every answer, while
 replicas are killed, scaled, paused and rolled over to a new model. Each test counts requests sent, answered and
 failed, asserts sent = answered + failed (a request that never ends is neither) and failed = 0, and reports p50/p99;
-a failure is any answer but a PNG mask of the photo's size."""
+a failure is any answer but a PNG mask of the photo's size. Last, the replicas' per-address limits and /metrics'
+allow list are shown to see each client behind the balancer, not the balancer's address."""
 
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ REPLICAS = 3
 CLIENTS = 16
 READ_TIMEOUT_S = 3  # proxy_read_timeout in deploy/lb/nginx.conf
 CONNECTION_TIMEOUT_S = 60  # a client's socket timeout: a request hung longer fails
+# Two addresses of this host's own outside every private range (RFC 2544's benchmarking network), added to the
+# loopback interface for one test: clients bound to them reach the balancer as two public clients would.
+CLIENT_ADDRESSES = ("198.18.0.1", "198.18.0.2")
 
 
 class Swarm:
@@ -281,3 +285,58 @@ def test_a_rolling_update_to_a_new_model_costs_no_request(swarm, photos, record_
     assert load.failures == [], f"{len(load.failures)} failed: {load.failures[:3]}\nbalancer tasks:\n{balancer}"
     load.assert_all_answered()
 
+
+@pytest.fixture
+def client_addresses():
+    """CLIENT_ADDRESSES on the loopback interface for the test (removed after it, unless they were there before)."""
+    added = []
+    try:
+        for address in CLIENT_ADDRESSES:
+            shown = subprocess.run(["ip", "-o", "address", "show", "dev", "lo"], capture_output=True, text=True,
+                                   check=True).stdout
+            if f" {address}/" not in shown:
+                subprocess.run(["ip", "address", "add", f"{address}/32", "dev", "lo"], check=True, capture_output=True)
+                added.append(address)
+        yield CLIENT_ADDRESSES
+    finally:
+        for address in added:
+            subprocess.run(["ip", "address", "del", f"{address}/32", "dev", "lo"], capture_output=True)
+
+
+def post_from(address: str, port: int, path: str = "/infer", method: str = "POST") -> int:
+    """One request from `address` to the balancer's published port at that same address: not loopback's 127/8, so
+    Docker's port publishing forwards it to the balancer with its source unchanged. Returns the status."""
+    tiny = io.BytesIO()
+    Image.new("RGB", (8, 6), (10, 200, 30)).save(tiny, format="PNG")
+    connection = http.client.HTTPConnection(address, port, timeout=30, source_address=(address, 0))
+    try:
+        body = tiny.getvalue() if method == "POST" else None
+        connection.request(method, path, body, {"Content-Type": "image/png"} if body else {})
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
+def test_the_replicas_see_each_client_behind_the_balancer(swarm, client_addresses, record_property):
+    """deploy/compose.yaml makes the replicas trust their balancer (SEGAPP_NGINX_TRUSTED_PROXIES: the replicas'
+    network), which sets X-Forwarded-For: each replica's per-address rate limit counts each client apart, and
+    /metrics' allow list sees a public client as public. Without the trust, both clients are the balancer's address:
+    one shared limit, and /metrics open to anyone who reaches the balancer.
+
+    One replica with a rate limit of 4 requests at once (burst 3, then one a minute), so the counts are exact."""
+    first, second = client_addresses
+    swarm.docker("service", "update", "--detach=false", "--quiet", "--replicas", "1",
+                 "--env-add", "SEGAPP_NGINX_RATE=1r/m", "--env-add", "SEGAPP_NGINX_BURST=3", swarm.service,
+                 timeout=300)
+    swarm.wait_converged(1)
+    from_first = [post_from(first, swarm.port) for _ in range(8)]
+    from_second = [post_from(second, swarm.port) for _ in range(4)]
+    metrics = post_from(first, swarm.port, "/metrics", "GET")
+    line = f"behind the balancer: {first} {from_first}; then {second} {from_second}; {first} GET /metrics {metrics}"
+    record_property("two_clients", line)
+    print("\n" + line)
+    assert from_first == [200] * 4 + [429] * 4  # its own 4, then limited
+    assert from_second == [200] * 4  # limited apart: the first client's 429s are not its own
+    assert metrics == 403  # a public address, whatever the balancer's own
