@@ -52,11 +52,12 @@ Image.init()  # registers every plugin: Image.open(formats=...) knows only regis
 # SEGAPP_DECODE_CPU_SECONDS): a 40-megapixel RGB photograph decodes in 120 MB and well under a second.
 DEFAULT_DECODE_BYTES = 256 * 1024 * 1024
 DEFAULT_DECODE_CPU_SECONDS = 2.0
-# Bytes per pixel a decoder holds beyond the image in its own mode and the RGB result (bench/decode_memory.py):
-# Pillow's WebP decoder keeps libwebp's RGBA frame and an RGBA canvas (17 bytes a pixel in all for an RGB WebP).
-_DECODER_BYTES_PER_PIXEL = {"WEBP": 10}
-# libjpeg's work per block of every scan, measured on this project's machines (2 vCPUs, AMD EPYC): 48-53 ns
-# (bench/decode_memory.py prints it); a little above, so that an estimate errs on the side of the budget.
+# Bytes per pixel a decoder holds beyond the image in its own mode and the RGB result: Pillow's WebP decoder keeps
+# libwebp's RGBA frame and an RGBA canvas, 17 bytes a pixel in all for an RGB WebP (a 1.6 KB lossless WebP of
+# 16383 x 2441 peaked at 679 MB, and 15.5 bytes a pixel were measured at 12 megapixels, lossy or lossless).
+_DECODER_BYTES_PER_PIXEL = {"WEBP": 14}
+# libjpeg's work per block of every scan, measured on this project's machines (2 vCPUs, AMD EPYC): 48-53 ns (a 6000 x
+# 6000 grey progressive JPEG, its last scan repeated); a little above, so that an estimate errs on the budget's side.
 _SECONDS_PER_BLOCK_SCAN = 60e-9
 
 # What Pillow's decoders raise for bytes they cannot decode (truncated, corrupt, or an unsupported variant):
@@ -205,7 +206,7 @@ def _open(data: bytes, cpu_seconds: float, max_pixels: int):
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLargeError(f"image is over the limit of {max_pixels} pixels: {exc}") from exc
     except UnidentifiedImageError as exc:
-        raise _not_accepted(data) from exc
+        raise _not_accepted(data, cpu_seconds) from exc
     except ImageError:
         raise
     except Exception as exc:
@@ -263,12 +264,13 @@ def _check_memory(image: Image.Image, jpeg, max_bytes: int) -> None:
         )
 
 
-def _not_accepted(data: bytes) -> ImageError:
+def _not_accepted(data: bytes, cpu_seconds: float) -> ImageError:
     """The error for bytes no accepted format's plugin claims: the format's name when Pillow knows it."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as other:  # the header only
+            # The header only, within the same budget (every plugin tries its own, as Image.open always did).
+            with Image.open(_BudgetedReader(data, time.thread_time() + cpu_seconds, cpu_seconds)) as other:
                 name = other.format
     except Exception:
         return UndecodableImageError("the body is not an image in a supported format")

@@ -288,11 +288,11 @@ class SegmentationApp:
         route = "other" if path is None else self.route(path)[1]
         method = request.method if request.method in _METHOD_LABELS else "other"
         self.metrics.observe_request(route, method, response.status_code, elapsed)
+        if path is None:  # not UTF-8: logged with its bytes escaped
+            path = request.environ.get("PATH_INFO", "").encode("latin-1", "replace").decode("utf-8", "backslashreplace")
         access_log.info(
             "%s %s %d %d %.1fms request_id=%s",
-            method, request.environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8", "backslashreplace")
-            if path is None else path,
-            response.status_code, response.content_length or 0, elapsed * 1000, request_id,
+            method, path, response.status_code, response.content_length or 0, elapsed * 1000, request_id,
         )
 
 
