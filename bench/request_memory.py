@@ -50,7 +50,7 @@ def cases() -> list[tuple[str, str, dict, bytes]]:
     png_40mp = large_png((7300, 5440))
     jpeg_40mp = encoded(Image.open(io.BytesIO(png_40mp)), "JPEG", quality=90)
     progressive_40mp = encoded(Image.open(io.BytesIO(png_40mp)), "JPEG", quality=90, progressive=True)
-    webp_15mp = encoded(Image.new("RGB", (4470, 3350), (40, 90, 160)), "WEBP", lossless=True)
+    webp_15mp = encoded(Image.new("RGB", (4400, 3300), (40, 90, 160)), "WEBP", lossless=True)
     rgba_png_33mp = encoded(Image.new("RGBA", (6600, 5000), (40, 90, 160, 128)), "PNG")
     png_16mp = large_png((4600, 3600))
     image = {"Content-Type": "image/png"}
@@ -61,7 +61,7 @@ def cases() -> list[tuple[str, str, dict, bytes]]:
         ("/infer?format=overlay JPEG 7300x5440", "/infer?format=overlay", image, jpeg_40mp),
         ("/infer?format=overlay progressive JPEG 7300x5440", "/infer?format=overlay", image, progressive_40mp),
         ("/infer?format=json progressive JPEG 7300x5440", "/infer?format=json", image, progressive_40mp),
-        ("/infer?format=overlay lossless WebP 4470x3350", "/infer?format=overlay", image, webp_15mp),
+        ("/infer?format=overlay lossless WebP 4400x3300", "/infer?format=overlay", image, webp_15mp),
         ("/infer?format=overlay RGBA PNG 6600x5000", "/infer?format=overlay", image, rgba_png_33mp),
         ("/v2 binary mask PNG 7300x5440", V2_INFER, *v2_bytes([png_40mp], True)),
         ("/v2 JSON mask PNG 4600x3600", V2_INFER, *v2_bytes([png_16mp], False)),

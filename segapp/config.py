@@ -47,11 +47,11 @@ class Settings:
     max_decode_bytes: int = DEFAULT_DECODE_BYTES
     """SEGAPP_MAX_DECODE_BYTES: the memory one image's decoding may hold, estimated from its header (format, mode,
     size, a progressive JPEG's coefficients) before it is decoded; a larger one gets 413 `decode_budget_exceeded`.
-    256 MiB takes a 40-megapixel RGB JPEG or PNG, and a WebP of up to 15 megapixels."""
+    256 MiB takes a 40-megapixel RGB JPEG or PNG, and a WebP of up to 14.9 megapixels."""
     decode_cpu_seconds: float = DEFAULT_DECODE_CPU_SECONDS
     """SEGAPP_DECODE_CPU_SECONDS: the CPU time one image's decoding may take: refused before decoding when a JPEG's
     scans are estimated to take longer, stopped when it runs over (413 `decode_budget_exceeded`). The slowest
-    40-megapixel photograph decodes in about 1 s here (docs/benchmarks.md)."""
+    40-megapixel photographs within the memory budget decode in under 1 s here (docs/benchmarks.md)."""
     default_format: str = "png"
     """SEGAPP_DEFAULT_FORMAT: the answer when the client states no preference: png, json or overlay."""
     log_level: str = "INFO"

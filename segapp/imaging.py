@@ -54,10 +54,13 @@ DEFAULT_DECODE_BYTES = 256 * 1024 * 1024
 DEFAULT_DECODE_CPU_SECONDS = 2.0
 # Bytes per pixel a decoder holds beyond the image in its own mode and the RGB result: Pillow's WebP decoder keeps
 # libwebp's RGBA frame and an RGBA canvas, 17 bytes a pixel in all for an RGB WebP (a 1.6 KB lossless WebP of
-# 16383 x 2441 peaked at 679 MB, and 15.5 bytes a pixel were measured at 12 megapixels, lossy or lossless).
+# 16383 x 2441 peaked at 679 MB; bench/decode_cost.py: 606-646 MB at 40 megapixels, lossy or lossless).
 _DECODER_BYTES_PER_PIXEL = {"WEBP": 14}
-# libjpeg's work per block of every scan, measured on this project's machines (2 vCPUs, AMD EPYC): 48-53 ns (a 6000 x
-# 6000 grey progressive JPEG, its last scan repeated); a little above, so that an estimate errs on the budget's side.
+# What every decode holds besides (the codecs' and Pillow's working buffers): up to 1 byte a pixel over the rest at
+# 40 megapixels, for every format (bench/decode_cost.py prints the estimate beside the measured peak).
+_WORKING_BYTES_PER_PIXEL = 1
+# libjpeg's work per block of every scan, measured on this project's machines (2 vCPUs, AMD EPYC): 35-39 ns on a quiet
+# machine, 48-53 ns on a busy one (bench/decode_cost.py); above both, so that an estimate errs on the budget's side.
 _SECONDS_PER_BLOCK_SCAN = 60e-9
 
 # What Pillow's decoders raise for bytes they cannot decode (truncated, corrupt, or an unsupported variant):
@@ -226,6 +229,21 @@ def _png_chunks_over(data: bytes, limit: int) -> int:
     return 0
 
 
+class CpuBudget:
+    """A budget of this thread's CPU seconds shared by several decodes (the images of a batch)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.deadline = time.thread_time() + seconds
+
+    def left(self) -> float:
+        """The seconds left; DecodeBudgetError when none are."""
+        left = self.deadline - time.thread_time()
+        if left <= 0:
+            raise DecodeBudgetError(f"the images took over their CPU time budget of {self.seconds:g} s together")
+        return left
+
+
 class _BudgetedReader(io.BytesIO):
     """The image's bytes as Pillow reads them, piece by piece, in its parsers and decoders: each read first checks
     the thread's CPU time, so a decode past its budget stops at its next read with DecodeBudgetError."""
@@ -250,7 +268,8 @@ def decode_bytes(image: Image.Image, jpeg=None) -> int:
         stored = len(mode.bands) * np.dtype(mode.typestr).itemsize
     except (KeyError, TypeError):
         stored = 4
-    per_pixel = stored + (0 if image.mode == "RGB" else 3) + _DECODER_BYTES_PER_PIXEL.get(image.format, 0)
+    per_pixel = (stored + (0 if image.mode == "RGB" else 3) + _DECODER_BYTES_PER_PIXEL.get(image.format, 0)
+                 + _WORKING_BYTES_PER_PIXEL)
     return pixels * per_pixel + (jpeg.coefficient_bytes if jpeg is not None else 0)
 
 

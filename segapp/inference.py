@@ -261,16 +261,17 @@ class Segmenter:
         self.ready = True
         return self
 
-    def segment(self, data: bytes, full_pixels: bool = False) -> Segmentation:
+    def segment(self, data: bytes, full_pixels: bool = False, cpu_seconds: float | None = None) -> Segmentation:
         """Segment the image in `data`. Raises `segapp.imaging.ImageError` for bytes that are not a usable image.
 
         With `full_pixels`, `Segmentation.image` is the image at full size, for an overlay; otherwise a large JPEG
-        is decoded at a reduced scale, which is all the network needs.
+        is decoded at a reduced scale, which is all the network needs. `cpu_seconds` is the decode's CPU budget
+        (default: the segmenter's `decode_cpu_seconds`; a batch passes what its images have left).
         """
         started = time.perf_counter()
         draft = None if full_pixels else self.input_size
         decoded = decode_image(data, self.max_pixels, draft_size=draft, max_bytes=self.max_decode_bytes,
-                               cpu_seconds=self.decode_cpu_seconds)
+                               cpu_seconds=self.decode_cpu_seconds if cpu_seconds is None else cpu_seconds)
         decoded_at = time.perf_counter()
         logits = self.predict_logits(decoded.image)
         inferred_at = time.perf_counter()

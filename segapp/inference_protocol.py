@@ -41,7 +41,7 @@ from webob.exc import (
 )
 
 from segapp.errors import api_error, image_error
-from segapp.imaging import ImageError, image_size
+from segapp.imaging import CpuBudget, ImageError, image_size
 from segapp.inference import Segmentation, Segmenter
 from segapp.tensors import (
     HEADER_LENGTH,
@@ -225,10 +225,12 @@ class InferenceProtocol:
                 mask = self.segmenter.segment_pixels(image)
                 results.append(Segmentation(mask=mask, timings={"infer": self.clock() - started}))
             return results
+        # The images of a batch share one CPU budget: 20 progressive JPEGs each just under it would be minutes.
+        budget = CpuBudget(self.segmenter.decode_cpu_seconds)
         sizes = []
         for index, data in enumerate(request.files):
             try:
-                sizes.append(image_size(data, self.max_pixels, self.segmenter.decode_cpu_seconds))
+                sizes.append(image_size(data, self.max_pixels, budget.left()))
             except ImageError as error:
                 raise image_error(error, self._where(request, index)) from None
         pixels = sum(width * height for width, height in sizes)
@@ -240,7 +242,7 @@ class InferenceProtocol:
         results = []
         for index, data in enumerate(request.files):
             try:
-                result = self.segmenter.segment(data)
+                result = self.segmenter.segment(data, cpu_seconds=budget.left())
             except ImageError as error:
                 raise image_error(error, self._where(request, index)) from None
             if results and result.mask.shape != results[0].mask.shape:

@@ -72,7 +72,7 @@ class StripesEngine:
 class FailingSegmenter(Segmenter):
     """Ready, but every segmentation fails as a bug would."""
 
-    def segment(self, data: bytes, full_pixels: bool = False):
+    def segment(self, data: bytes, full_pixels: bool = False, cpu_seconds: float | None = None):
         raise RuntimeError("engine exploded: secret internal detail")
 
 

@@ -375,6 +375,23 @@ def test_bytes_elements_beyond_the_shape_are_refused_without_reading_them_all(ap
     assert "more than the 1 elements of its shape" in protocol_error(response, 400)
 
 
+def test_images_of_a_batch_share_one_decoding_budget(app_for):
+    """Each progressive JPEG of 2000 x 2000 with 100 refinement scans is within a budget of 0.5 s alone (estimated
+    0.38 s); four of them in one request are not."""
+    from segapp.inference import Segmenter
+    from tests.conftest import StripesEngine
+    from tests.hostile import repeated_scan_jpeg
+
+    segmenter = Segmenter(engine=StripesEngine(), decode_cpu_seconds=0.5).load()
+    app = app_for(segmenter)
+    one = repeated_scan_jpeg(100, side=2000)
+    tensor, binary = bytes_input([one])
+    assert outputs_of(send(app, {"inputs": [tensor]}, binary))["mask"].shape == (1, 2000, 2000)
+    tensor, binary = bytes_input([one] * 4)
+    message = protocol_error(send(app, {"inputs": [tensor]}, binary, 413), 413)
+    assert "budget" in message and re.match(r"image [234] of 4: ", message), message
+
+
 def test_json_mask_over_the_answer_limit_is_413_and_binary_is_served(app, monkeypatch):
     from segapp import inference_protocol
 

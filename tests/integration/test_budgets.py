@@ -9,6 +9,7 @@ AVIF), answered 80 MB of JSON, or was accepted though malformed (header length "
 from __future__ import annotations
 
 import json
+import random
 import statistics
 import struct
 import threading
@@ -20,6 +21,7 @@ from PIL import Image, ImageDraw
 from tests import hostile
 
 V2_INFER = "/v2/models/segapp-unet/infer"
+BINARY_MASK = [{"name": "mask", "parameters": {"binary_data": True}}]
 # A hostile request is answered within this (the decode budget is 2 s; each below was seconds to minutes before).
 ANSWERED_WITHIN_S = 5.0
 
@@ -71,6 +73,9 @@ def hostile_requests() -> list[tuple[str, str, str, dict, bytes, int, str]]:
          "ask for it as binary data"),
         ("v2-batch-of-two-39mp-pngs", "POST", V2_INFER, *v2_bytes([flat_png(7000, 5600)] * 2), 413,
          "over the limit of 40000000"),
+        # Each image alone is within the budgets (900 scans of 2 megapixels: about 1.7 s); together, minutes.
+        ("v2-batch-of-20-scan-heavy-jpegs", "POST", V2_INFER,
+         *v2_bytes([hostile.repeated_scan_jpeg(900, side=1400)] * 20, BINARY_MASK), 413, "budget"),
         ("v2-2600000-empty-bytes-elements", "POST", V2_INFER, *empty_elements, 400, "more than the 1 elements"),
         ("v2-data-nested-990-deep", "POST", V2_INFER,
          *v2_json(b'{"inputs": [{"name": "image", "data": ' + b"[" * 990 + b"]" * 990 + b"}]}"), 400, "nests"),
@@ -140,7 +145,7 @@ def test_forty_megapixel_answers_stay_served(stack):
     forty_mp = flat_png(7300, 5440)
     answer = stack.infer(forty_mp, "?format=json", {"Content-Type": "image/png"}, timeout=120)
     assert answer.status == 200 and (answer.json()["width"], answer.json()["height"]) == (7300, 5440)
-    headers, body = v2_bytes([forty_mp], [{"name": "mask", "parameters": {"binary_data": True}}])
+    headers, body = v2_bytes([forty_mp], BINARY_MASK)
     answer = stack.request("POST", V2_INFER, body, headers, timeout=120)
     length = int(answer.headers["Inference-Header-Content-Length"])
     assert answer.status == 200 and len(answer.body) - length == 7300 * 5440
@@ -296,10 +301,9 @@ def json_mutant(rng) -> bytes:
 
 
 def test_structure_fuzz_gets_no_5xx_and_no_slow_answer(stack, record_property):
-    """Progressive JPEGs with scans and markers repeated, dropped and moved, PNGs with chunks so rearranged, and /v2
-    JSON nested, repeated and cut: every body is sent once; sent = answered + unanswered, none unanswered, no 5xx,
-    every error JSON, none slower than ANSWERED_WITHIN_S, no worker death."""
-    import random
+    """Progressive JPEGs (one of 9 megapixels) with scans and markers repeated, dropped and moved, PNGs with chunks
+    so rearranged, and /v2 JSON nested, repeated and cut: every body is sent once; sent = answered + unanswered,
+    none unanswered, no 5xx, every error JSON, none slower than ANSWERED_WITHIN_S, no worker death."""
 
     picture = Image.new("RGB", (320, 240))
     ImageDraw.Draw(picture).ellipse((40, 30, 280, 210), fill=(200, 170, 120))
@@ -307,6 +311,8 @@ def test_structure_fuzz_gets_no_5xx_and_no_slow_answer(stack, record_property):
         "jpeg": jpeg_segments(hostile.encoded(picture, "JPEG", progressive=True)),
         "jpeg-gray": jpeg_segments(hostile.encoded(picture.convert("L"), "JPEG", progressive=True)),
         "png": png_chunks(hostile.encoded(picture, "PNG")),
+        # large enough that repeated scans pass the CPU budget (413), and repeated segments the body limit
+        "jpeg-large": jpeg_segments(hostile.encoded(Image.new("L", (3000, 3000), 90), "JPEG", progressive=True)),
     }
     counts, slowest, lock = {"sent": 0, "answered": 0, "unanswered": 0, "5xx": 0, "non_json_errors": 0}, [0.0], \
         threading.Lock()
@@ -321,7 +327,7 @@ def test_structure_fuzz_gets_no_5xx_and_no_slow_answer(stack, record_property):
                 if next(jobs, None) is None:
                     return
                 counts["sent"] += 1
-            kind = rng.choice(["jpeg", "jpeg-gray", "png", "json"])
+            kind = rng.choice(["jpeg", "jpeg-gray", "jpeg-large", "png", "json"])
             if kind == "json":
                 path, headers, body = V2_INFER, {"Content-Type": "application/json"}, json_mutant(rng)
             else:
