@@ -50,8 +50,11 @@ def cases() -> list[tuple[str, str, dict, bytes]]:
     png_40mp = large_png((7300, 5440))
     jpeg_40mp = encoded(Image.open(io.BytesIO(png_40mp)), "JPEG", quality=90)
     progressive_40mp = encoded(Image.open(io.BytesIO(png_40mp)), "JPEG", quality=90, progressive=True)
-    webp_15mp = encoded(Image.new("RGB", (4400, 3300), (40, 90, 160)), "WEBP", lossless=True)
-    rgba_png_33mp = encoded(Image.new("RGBA", (6600, 5000), (40, 90, 160, 128)), "PNG")
+    # Near the memory budget (docs/api.md, "Budgets"): the costliest of each format the budget lets through.
+    webp_near_budget = encoded(Image.new("RGB", (4700, 3550), (40, 90, 160)), "WEBP", lossless=True)
+    rgba_png_near_budget = encoded(Image.new("RGBA", (6900, 5400), (40, 90, 160, 128)), "PNG")
+    full_chroma_progressive = encoded(Image.open(io.BytesIO(large_png((6300, 4750)))), "JPEG", quality=90,
+                                      progressive=True, subsampling=0)
     png_16mp = large_png((4600, 3600))
     image = {"Content-Type": "image/png"}
     rows = []
@@ -61,8 +64,10 @@ def cases() -> list[tuple[str, str, dict, bytes]]:
         ("/infer?format=overlay JPEG 7300x5440", "/infer?format=overlay", image, jpeg_40mp),
         ("/infer?format=overlay progressive JPEG 7300x5440", "/infer?format=overlay", image, progressive_40mp),
         ("/infer?format=json progressive JPEG 7300x5440", "/infer?format=json", image, progressive_40mp),
-        ("/infer?format=overlay lossless WebP 4400x3300", "/infer?format=overlay", image, webp_15mp),
-        ("/infer?format=overlay RGBA PNG 6600x5000", "/infer?format=overlay", image, rgba_png_33mp),
+        ("/infer?format=overlay lossless WebP 4700x3550", "/infer?format=overlay", image, webp_near_budget),
+        ("/infer?format=overlay RGBA PNG 6900x5400", "/infer?format=overlay", image, rgba_png_near_budget),
+        ("/infer?format=overlay progressive 4:4:4 JPEG 6300x4750", "/infer?format=overlay", image,
+         full_chroma_progressive),
         ("/v2 binary mask PNG 7300x5440", V2_INFER, *v2_bytes([png_40mp], True)),
         ("/v2 JSON mask PNG 4600x3600", V2_INFER, *v2_bytes([png_16mp], False)),
         ("/v2 JSON mask PNG 7300x5440 (refused)", V2_INFER, *v2_bytes([png_40mp], False)),

@@ -47,7 +47,8 @@ class Settings:
     max_decode_bytes: int = DEFAULT_DECODE_BYTES
     """SEGAPP_MAX_DECODE_BYTES: the memory one image's decoding may hold, estimated from its header (format, mode,
     size, a progressive JPEG's coefficients) before it is decoded; a larger one gets 413 `decode_budget_exceeded`.
-    256 MiB takes a 40-megapixel RGB JPEG or PNG, and a WebP of up to 14.9 megapixels."""
+    288 MiB takes a 40-megapixel RGB JPEG (a progressive one too, 265 MiB as an overlay) or PNG, an RGBA PNG of up to
+    37 megapixels and a WebP of up to 16.7."""
     decode_cpu_seconds: float = DEFAULT_DECODE_CPU_SECONDS
     """SEGAPP_DECODE_CPU_SECONDS: the CPU time one image's decoding may take: refused before decoding when a JPEG's
     scans are estimated to take longer, stopped when it runs over (413 `decode_budget_exceeded`). The slowest

@@ -49,8 +49,9 @@ MAX_PNG_CHUNKS = 16_384
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 Image.init()  # registers every plugin: Image.open(formats=...) knows only registered ones
 # What one decode may hold, and the CPU time it may take, by default (Settings: SEGAPP_MAX_DECODE_BYTES and
-# SEGAPP_DECODE_CPU_SECONDS): a 40-megapixel RGB photograph decodes in 120 MB and well under a second.
-DEFAULT_DECODE_BYTES = 256 * 1024 * 1024
+# SEGAPP_DECODE_CPU_SECONDS): the costliest 40-megapixel photograph, a progressive JPEG answered as an overlay,
+# holds an estimated 265 MiB (bench/decode_cost.py measures it), and decodes in under a second.
+DEFAULT_DECODE_BYTES = 288 * 1024 * 1024
 DEFAULT_DECODE_CPU_SECONDS = 2.0
 # Bytes per pixel a decoder holds beyond the image in its own mode and the RGB result: Pillow's WebP decoder keeps
 # libwebp's RGBA frame and an RGBA canvas, 17 bytes a pixel in all for an RGB WebP (a 1.6 KB lossless WebP of
