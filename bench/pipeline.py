@@ -32,8 +32,12 @@ def measure(tree: Path, image: Path, requests: int, mask_out: Path) -> dict[str,
     """Stage times in ms of `requests` segmentations of `image` with `tree`'s segapp (imported by the caller)."""
     import numpy as np
 
-    from segapp.imaging import mask_to_png
     from segapp.inference import Segmenter
+
+    try:
+        from segapp.masks import mask_to_png
+    except ImportError:  # a baseline tree from before segapp.masks (issue 15)
+        from segapp.imaging import mask_to_png
 
     segmenter = Segmenter(tree / "segapp" / "models" / "unet.tflite").load()
     engine, spent = segmenter.engine, []

@@ -1,4 +1,4 @@
-"""Image decoding, mask encoding and overlays, with Pillow.
+"""Image decoding with Pillow, within budgets; the resize to the network's input.
 
 Everything a client sends passes through `decode_image`, which refuses hostile input with a typed
 `ImageError` before Pillow spends memory or time on it.
@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-import struct
 import time
 import warnings
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,9 +33,9 @@ MAX_SIDE = 65_500
 
 # Rows per band where a whole image is worked on in pieces: 256 rows of a 7,300-pixel-wide image are 7 MB as
 # RGB, so a band's temporaries stay small next to the image itself.
-_BAND_ROWS = 256
+BAND_ROWS = 256
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Encoders write image data in chunks of 8 KB (libpng) or more: a 10 MB PNG has some 1,300. Each chunk is a turn
 # of Pillow's chunk loop, in Python (800,000 empty ones were 2.5 s of a worker).
 MAX_PNG_CHUNKS = 16_384
@@ -202,7 +200,7 @@ def _open(data: bytes, cpu_seconds: float, max_pixels: int):
             f"the JPEG's scans pass over {jpeg.block_scans} blocks, about "
             f"{jpeg.block_scans * _SECONDS_PER_BLOCK_SCAN:.1f} s of decoding, over the budget of {cpu_seconds:g} s"
         )
-    if data[:8] == _PNG_SIGNATURE and (chunks := _png_chunks_over(data, MAX_PNG_CHUNKS)):
+    if data[:8] == PNG_SIGNATURE and (chunks := _png_chunks_over(data, MAX_PNG_CHUNKS)):
         raise UndecodableImageError(f"the PNG has more than {chunks} chunks; a photograph has a few thousand at most")
     source = _BudgetedReader(data, time.thread_time() + cpu_seconds, cpu_seconds)
     try:
@@ -221,7 +219,7 @@ def _open(data: bytes, cpu_seconds: float, max_pixels: int):
 
 def _png_chunks_over(data: bytes, limit: int) -> int:
     """`limit` when the PNG in `data` has more chunks than that, else 0: the chunk headers are walked, not read."""
-    position, chunks = len(_PNG_SIGNATURE), 0
+    position, chunks = len(PNG_SIGNATURE), 0
     while position + 8 <= len(data):
         chunks += 1
         if chunks > limit:
@@ -342,75 +340,10 @@ def _gray_in_bands(image: Image.Image, to_uint8) -> Image.Image:
     """RGB from a one-channel image whose values `to_uint8` maps, band by band, to 0-255."""
     width, height = image.size
     gray = np.empty((height, width), np.uint8)
-    for top in range(0, height, _BAND_ROWS):
-        bottom = min(top + _BAND_ROWS, height)
+    for top in range(0, height, BAND_ROWS):
+        bottom = min(top + BAND_ROWS, height)
         gray[top:bottom] = to_uint8(np.asarray(image.crop((0, top, width, bottom))))
     return Image.fromarray(gray, "L").convert("RGB")
-
-
-def palette_bytes(palette=PALETTE) -> bytes:
-    """A 768-byte PNG palette with the class colours first and black after."""
-    flat = bytes(channel for colour in palette for channel in colour)
-    return flat + bytes(768 - len(flat))
-
-
-def mask_to_png(mask: np.ndarray, palette=PALETTE, compress_level: int = 1) -> bytes:
-    """Encode a uint8 HxW class mask as a palette PNG: pixel value = class index, palette colours for viewing.
-
-    Every value must be below len(palette). The PNG has as many bits per pixel as the palette needs (2 for up to
-    four classes) and unfiltered rows deflated with zlib's run-length strategy: masks are long runs of few values,
-    so this is smaller than Pillow's PNG encoder at level 1 and several times faster, as Pillow tries five
-    filters on every row (see docs/benchmarks.md).
-    """
-    height, width = mask.shape
-    colours = len(palette)
-    bits = next(bits for bits in (1, 2, 4, 8) if colours <= 1 << bits)
-    mask = np.ascontiguousarray(mask, dtype=np.uint8)
-    packed = mask if bits == 8 else Image.fromarray(mask, "P").tobytes("raw", f"P;{bits}")
-    rows = np.empty((height, (width * bits + 7) // 8 + 1), dtype=np.uint8)
-    rows[:, 0] = 0  # each row's filter: none
-    rows[:, 1:] = np.frombuffer(packed, dtype=np.uint8).reshape(height, -1)
-    compressor = zlib.compressobj(compress_level, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
-    header = struct.pack(">IIBBBBB", width, height, bits, 3, 0, 0, 0)  # colour type 3: palette
-    return b"".join((
-        _PNG_SIGNATURE,
-        _png_chunk(b"IHDR", header),
-        _png_chunk(b"PLTE", palette_bytes(palette)[: 3 * colours]),
-        _png_chunk(b"IDAT", compressor.compress(rows) + compressor.flush()),
-        _png_chunk(b"IEND", b""),
-    ))
-
-
-def _png_chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(body, zlib.crc32(kind)))
-
-
-def overlay(image: Image.Image, mask: np.ndarray, palette=PALETTE, alpha: float = 0.5) -> Image.Image:
-    """`image` (RGB) with each pixel's class colour blended on it, in place; returns `image`.
-
-    `mask` must match the image's size. Blends in row bands with Pillow's C code: a float copy of a 40-megapixel
-    image would be 480 MB per array (1.7 GB peak before this).
-    """
-    width, height = image.size
-    if mask.shape != (height, width):
-        raise ValueError(f"the mask is {mask.shape[1]}x{mask.shape[0]}, the image {width}x{height}")
-    colours = palette_bytes(palette)
-    for top in range(0, height, _BAND_ROWS):
-        box = (0, top, width, min(top + _BAND_ROWS, height))
-        band = Image.fromarray(np.ascontiguousarray(mask[top : box[3]], dtype=np.uint8), "P")
-        band.putpalette(colours)
-        image.paste(Image.blend(image.crop(box), band.convert("RGB"), alpha), box)
-    return image
-
-
-def overlay_to_jpeg(image: Image.Image | np.ndarray, mask: np.ndarray, palette=PALETTE, quality: int = 85) -> bytes:
-    """`overlay` encoded as a JPEG. An image given as an RGB array is copied first; a Pillow image is blended
-    in place."""
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image, "RGB")
-    out = io.BytesIO()
-    overlay(image, mask, palette).save(out, format="JPEG", quality=quality)
-    return out.getvalue()
 
 
 def resize_pixels(pixels: np.ndarray | Image.Image, width: int, height: int) -> np.ndarray:

@@ -31,9 +31,10 @@ from webob.exc import (
 
 from segapp.config import Settings
 from segapp.errors import api_error, image_error, render_error, request_id_for
-from segapp.imaging import ImageError, mask_to_png, overlay_to_jpeg
+from segapp.imaging import ImageError
 from segapp.inference import Segmentation, Segmenter
 from segapp.inference_protocol import HEADER_LENGTH, InferenceProtocol, protocol_error_body, server_metadata
+from segapp.masks import mask_to_png, overlay_to_jpeg
 from segapp.metrics import Metrics
 from segapp.negotiation import MEDIA_TYPES, choose_format
 from segapp.openapi import description_json

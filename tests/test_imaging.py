@@ -12,7 +12,6 @@ from PIL import Image, ImageFile
 from segapp import imaging
 from segapp.imaging import (
     MAX_SIDE,
-    PALETTE,
     DecodeBudgetError,
     EmptyImageError,
     ImageTooLargeError,
@@ -20,9 +19,6 @@ from segapp.imaging import (
     UnsupportedImageFormatError,
     decode_image,
     image_size,
-    mask_to_png,
-    overlay,
-    overlay_to_jpeg,
 )
 from tests import hostile
 
@@ -148,34 +144,6 @@ def test_webp_bmp_tiff_decode():
     for fmt in ("WEBP", "BMP", "TIFF"):
         decoded = decode_image(encode(Image.fromarray(pixels), fmt), LIMIT)
         assert decoded.pixels.shape == (20, 30, 3), fmt
-
-
-def test_mask_png_keeps_class_indices_and_palette():
-    mask = np.array([[0, 1, 2], [2, 1, 0]], dtype=np.uint8)
-    image = Image.open(io.BytesIO(mask_to_png(mask)))
-    assert image.mode == "P"
-    assert np.array_equal(np.asarray(image), mask)
-    assert image.getpalette()[:9] == [c for colour in PALETTE for c in colour]
-
-
-@pytest.mark.parametrize("classes, depth", [(2, 1), (3, 2), (4, 2), (5, 4), (16, 4), (17, 8), (256, 8)])
-def test_mask_png_has_the_bit_depth_its_classes_need_and_reads_back_exactly(classes, depth):
-    palette = [(index, 255 - index, index * 7 % 256) for index in range(classes)]
-    mask = np.random.default_rng(classes).integers(0, classes, (37, 101)).astype(np.uint8)
-    mask[:, 40:90] = classes - 1  # runs, as in a real mask
-    data = mask_to_png(mask, palette)
-    assert data[24] == depth  # IHDR's bit depth
-    image = Image.open(io.BytesIO(data))
-    assert image.mode == "P" and image.size == (101, 37)
-    assert np.array_equal(np.asarray(image), mask)
-    assert image.getpalette() == [c for colour in palette for c in colour]
-
-
-def test_overlay_is_a_jpeg_of_the_image_size():
-    pixels = gradient(50, 30)
-    mask = np.zeros((30, 50), dtype=np.uint8)
-    image = Image.open(io.BytesIO(overlay_to_jpeg(pixels, mask)))
-    assert image.format == "JPEG" and image.size == (50, 30)
 
 
 # --- truncated data, sizes an overlay cannot have, Pillow's guard, segapp's own bugs ------------------------
@@ -312,20 +280,6 @@ def test_float_and_32_bit_images_scale_to_eight_bits():
                             (Image.fromarray(np.full((5, 4), 1000, np.int32)), 1000 * 255 // 65535),
                             (Image.fromarray(np.full((5, 4), 200, np.int32)), 200)):
         assert decode_image(encode(image, "TIFF"), LIMIT).pixels[0, 0].tolist() == [expected] * 3
-
-
-def test_overlay_blends_half_way_in_bands_of_a_tall_image():
-    pixels = np.full((1000, 3, 3), 100, np.uint8)
-    mask = np.zeros((1000, 3), np.uint8)
-    mask[600:] = 2
-    blended = np.asarray(overlay(Image.fromarray(pixels), mask))
-    assert blended[0, 0].tolist() == [(100 + c) // 2 for c in PALETTE[0]]
-    assert blended[999, 2].tolist() == [(100 + c) // 2 for c in PALETTE[2]]
-
-
-def test_overlay_refuses_a_mask_of_another_size():
-    with pytest.raises(ValueError, match="mask"):
-        overlay(Image.new("RGB", (4, 4)), np.zeros((3, 4), np.uint8))
 
 
 # --- budgets: what a decode may cost, decided from the header and enforced while it runs ------------------------

@@ -17,8 +17,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from segapp import scenes
-from segapp.imaging import mask_to_png, overlay
 from segapp.inference import SHIPPED_MODEL, Segmenter
+from segapp.masks import mask_to_png, overlay
 
 OUT = Path(__file__).resolve().parent / "scene-mask-overlay.png"
 PANEL_HEIGHT = 300
