@@ -1,0 +1,112 @@
+"""Where a request's CPU goes, layer by layer: nginx, uWSGI's master, the workers, and within the workers the image
+pipeline (decode, network, upsample, PNG) and the serving around it (uWSGI's C side, segapp's request handling).
+
+    PATH=$PATH:/usr/sbin .venv/bin/python -m bench.layers [--seconds 20] [--concurrency 8] [--size 500x375]
+
+One stack as `make serve` starts it (2 workers x 1 engine thread, the per-address limits lifted, as one load
+address); wrk posts one photo-like JPEG for `--seconds` at `--concurrency`. The CPU time (utime + stime in
+/proc/PID/stat) of every process of the stack is read before and after, grouped by role, and divided by the
+requests answered; wrk's own CPU (it shares the two cores) comes from this process's reaped children. The pipeline's
+CPU per request is measured in-process on the same JPEG (this thread's CPU time around `Segmenter.segment` and
+`mask_to_png`, the engine on this thread), so the workers' figure splits into the pipeline and the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from bench.images import make_image
+from bench.load import wrk
+from bench.stack import CLOCK_TICKS, Stack
+
+
+def process_cpu(pid: int) -> float:
+    """utime + stime of one process, in seconds (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def roles(stack: Stack) -> dict[str, list[int]]:
+    """The stack's processes by role: nginx (master and workers), the uWSGI master, the workers."""
+    workers = set(stack.worker_pids())
+    grouped = {"nginx": [], "uwsgi_master": [stack.process.pid], "workers": sorted(workers)}
+    for pid in stack.processes() - workers - {stack.process.pid}:
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if command.startswith(b"nginx"):
+            grouped["nginx"].append(pid)
+    return grouped
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def pipeline_cpu_ms(image: Path, requests: int) -> float:
+    """Median CPU ms of this thread for the work of one request in-process: segment the JPEG, encode the PNG."""
+    from segapp.inference import Segmenter
+    from segapp.masks import mask_to_png
+
+    segmenter = Segmenter(threads=1).load()
+    palette, data, samples = segmenter.card["palette"], image.read_bytes(), []
+    for attempt in range(requests + 5):
+        started = time.thread_time()
+        mask_to_png(segmenter.segment(data).mask, palette)
+        if attempt >= 5:  # warm-up first
+            samples.append(time.thread_time() - started)
+    return statistics.median(samples) * 1000
+
+
+def measure(image: Path, seconds: float, concurrency: int) -> dict:
+    env = {"SEGAPP_PROCESSES": "2", "SEGAPP_THREADS": "1", "SEGAPP_NGINX_RATE": "100000r/s",
+           "SEGAPP_NGINX_BURST": "100000", "SEGAPP_MAX_REQUESTS": "1000000"}
+    with tempfile.TemporaryDirectory(prefix="segapp-layers-") as run_dir, Stack.start(Path(run_dir), env) as stack:
+        wrk(stack.url + "/infer", image, concurrency, 3)  # warm-up: both workers, nginx's buffers
+        grouped = roles(stack)
+        before = {role: sum(process_cpu(pid) for pid in pids) for role, pids in grouped.items()}
+        load_before = children_cpu()
+        result = wrk(stack.url + "/infer", image, concurrency, seconds)
+        load_cpu = children_cpu() - load_before
+        after = {role: sum(process_cpu(pid) for pid in pids) for role, pids in grouped.items()}
+        assert sorted(stack.worker_pids()) == grouped["workers"], "a worker was replaced during the run"
+    answered = sum(count for status, count in result["statuses"].items() if 200 <= status < 300)
+    per_request = {role: (after[role] - before[role]) * 1000 / answered for role in grouped}
+    per_request["wrk"] = load_cpu * 1000 / answered
+    return {"requests_per_s": result["requests_per_s"], "answered": answered, "non_2xx": result["non_2xx"],
+            "p50_ms": result["p50_ms"], "cpu_ms_per_request": {k: round(v, 3) for k, v in per_request.items()}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--size", default="500x375", help="the JPEG's WIDTHxHEIGHT")
+    parser.add_argument("--pipeline-requests", type=int, default=300)
+    options = parser.parse_args(argv)
+    width, height = (int(side) for side in options.size.split("x"))
+    with tempfile.TemporaryDirectory(prefix="segapp-layers-image-") as folder:
+        image = make_image(Path(folder), width, height)
+        stack = measure(image, options.seconds, options.concurrency)
+        pipeline = pipeline_cpu_ms(image, options.pipeline_requests)
+    layers = stack["cpu_ms_per_request"]
+    layers["workers: pipeline (in-process)"] = round(pipeline, 3)
+    layers["workers: the rest (uWSGI, segapp's handling)"] = round(layers["workers"] - pipeline, 3)
+    print(json.dumps({"image": options.size, "concurrency": options.concurrency, "seconds": options.seconds,
+                      "nproc": os.cpu_count(), **stack}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
