@@ -8,7 +8,8 @@ address); wrk posts one photo-like JPEG for `--seconds` at `--concurrency`. The 
 /proc/PID/stat) of every process of the stack is read before and after, grouped by role, and divided by the
 requests answered; wrk's own CPU (it shares the two cores) comes from this process's reaped children. The pipeline's
 CPU per request is measured in-process on the same JPEG (this thread's CPU time around `Segmenter.segment` and
-`mask_to_png`, the engine on this thread), so the workers' figure splits into the pipeline and the rest.
+`mask_to_png`, the engine on this thread); and inside the workers, in the same run, their own /metrics (request
+duration and stage times of /infer) split the workers' CPU into the stages, the app around them, and the rest.
 """
 
 from __future__ import annotations
@@ -50,6 +51,22 @@ def roles(stack: Stack) -> dict[str, list[int]]:
     return grouped
 
 
+def app_seconds(stack: Stack) -> dict[str, float]:
+    """From the workers' own /metrics: /infer's request count and summed duration, and each stage's summed time."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    figures = {"count": 0.0, "request": 0.0, "stages": 0.0}
+    for family in text_string_to_metric_families(stack.request("GET", "/metrics").body.decode()):
+        for sample in family.samples:
+            if sample.name == "segapp_request_duration_seconds_count" and sample.labels.get("route") == "/infer":
+                figures["count"] += sample.value
+            elif sample.name == "segapp_request_duration_seconds_sum" and sample.labels.get("route") == "/infer":
+                figures["request"] += sample.value
+            elif sample.name == "segapp_stage_duration_seconds_sum":
+                figures["stages"] += sample.value
+    return figures
+
+
 def children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -76,15 +93,25 @@ def measure(image: Path, seconds: float, concurrency: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="segapp-layers-") as run_dir, Stack.start(Path(run_dir), env) as stack:
         wrk(stack.url + "/infer", image, concurrency, 3)  # warm-up: both workers, nginx's buffers
         grouped = roles(stack)
+        app_before = app_seconds(stack)
         before = {role: sum(process_cpu(pid) for pid in pids) for role, pids in grouped.items()}
         load_before = children_cpu()
         result = wrk(stack.url + "/infer", image, concurrency, seconds)
         load_cpu = children_cpu() - load_before
         after = {role: sum(process_cpu(pid) for pid in pids) for role, pids in grouped.items()}
+        app_after = app_seconds(stack)
         assert sorted(stack.worker_pids()) == grouped["workers"], "a worker was replaced during the run"
     answered = sum(count for status, count in result["statuses"].items() if 200 <= status < 300)
     per_request = {role: (after[role] - before[role]) * 1000 / answered for role in grouped}
     per_request["wrk"] = load_cpu * 1000 / answered
+    # Inside the workers, from their own clocks (wall time, one request at a time per worker): the stages, the app's
+    # handling around them, and what the app does not see (uWSGI's C side, writing the answer, the access line).
+    app = {key: app_after[key] - app_before[key] for key in app_after}
+    stages = app["stages"] * 1000 / app["count"]
+    handled = app["request"] * 1000 / app["count"]
+    per_request["workers: stages (decode, infer, postprocess, encode), the app's clock"] = stages
+    per_request["workers: the app around the stages, the app's clock"] = handled - stages
+    per_request["workers: outside the app (CPU - the app's time)"] = per_request["workers"] - handled
     return {"requests_per_s": result["requests_per_s"], "answered": answered, "non_2xx": result["non_2xx"],
             "p50_ms": result["p50_ms"], "cpu_ms_per_request": {k: round(v, 3) for k, v in per_request.items()}}
 
