@@ -135,7 +135,7 @@ def decode_image(
         width, height = image.size
         _check_size(width, height, max_pixels)
 
-        try:
+        with _pillow_errors(max_pixels, "the image data is truncated or corrupt"):
             orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
             if draft_size and image.format == "JPEG" and min(width, height) > 2 * draft_size:
                 # Draft picks the largest 1/2, 1/4 or 1/8 scale that is still at least the requested size.
@@ -150,14 +150,6 @@ def decode_image(
             # In place: a copy would double the memory of a 40-megapixel image.
             ImageOps.exif_transpose(image, in_place=True)
             image = _to_rgb(image)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageTooLargeError(f"image is over the limit of {max_pixels} pixels: {exc}") from exc
-        except ImageError:
-            raise
-        except Exception as exc:
-            if not (isinstance(exc, _CODEC_ERRORS) or _raised_in_pillow(exc)):
-                raise
-            raise UndecodableImageError("the image data is truncated or corrupt") from exc
 
     if orientation in _SWAPPING_ORIENTATIONS:
         width, height = height, width
@@ -203,18 +195,27 @@ def _open(data: bytes, cpu_seconds: float, max_pixels: int):
     if data[:8] == PNG_SIGNATURE and (chunks := _png_chunks_over(data, MAX_PNG_CHUNKS)):
         raise UndecodableImageError(f"the PNG has more than {chunks} chunks; a photograph has a few thousand at most")
     source = _BudgetedReader(data, time.thread_time() + cpu_seconds, cpu_seconds)
+    with _pillow_errors(max_pixels, "the body is not an image in a supported format"):
+        try:
+            return Image.open(source, formats=ACCEPTED_FORMATS), jpeg
+        except UnidentifiedImageError as exc:
+            raise _not_accepted(data, cpu_seconds) from exc
+
+
+@contextlib.contextmanager
+def _pillow_errors(max_pixels: int, undecodable: str):
+    """Pillow's exceptions inside as segapp's: its bomb guard as ImageTooLargeError, a codec's error (or one raised
+    in Pillow's own code) as UndecodableImageError(`undecodable`); ImageErrors and segapp's own bugs pass."""
     try:
-        return Image.open(source, formats=ACCEPTED_FORMATS), jpeg
+        yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLargeError(f"image is over the limit of {max_pixels} pixels: {exc}") from exc
-    except UnidentifiedImageError as exc:
-        raise _not_accepted(data, cpu_seconds) from exc
     except ImageError:
         raise
     except Exception as exc:
         if not (isinstance(exc, _CODEC_ERRORS) or _raised_in_pillow(exc)):
             raise
-        raise UndecodableImageError("the body is not an image in a supported format") from exc
+        raise UndecodableImageError(undecodable) from exc
 
 
 def _png_chunks_over(data: bytes, limit: int) -> int:
