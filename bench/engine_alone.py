@@ -90,11 +90,16 @@ def flat_out(setup, args: tuple, processes: int, seconds: float, tree: str | Pat
 def _engine(model: str, threads: int):
     import numpy as np
 
-    from segapp.config import Settings
-    from segapp.inference import make_engine
+    try:
+        from segapp.engines import open_engine
+        from segapp.inference import SHIPPED_MODEL
+    except ImportError:  # a baseline tree from before segapp.engines (issue 16)
+        from segapp.config import Settings
+        from segapp.inference import make_engine as open_engine
 
-    model = model or str(Settings().model)  # the tree's own shipped default
-    engine = make_engine(model, threads)
+        SHIPPED_MODEL = Settings().model
+    model = model or str(SHIPPED_MODEL)  # the tree's own shipped default
+    engine = open_engine(model, threads)
     batch = np.random.default_rng(0).random((1, 128, 128, 3)).astype(np.float32)
     return (lambda: engine.predict(batch)), {"model": model}
 

@@ -39,15 +39,18 @@ def measure(tree: Path, image: Path, requests: int, mask_out: Path) -> dict[str,
     except ImportError:  # a baseline tree from before segapp.masks (issue 15)
         from segapp.imaging import mask_to_png
 
-    segmenter = Segmenter(tree / "segapp" / "models" / "unet.tflite").load()
+    segmenter = Segmenter(tree / "segapp" / "models" / "unet.tflite").load()  # the float model, flat in every tree
     engine, spent = segmenter.engine, []
 
     class TimedEngine:
         name = getattr(engine, "name", "engine")
 
-        def predict(self, batch):
+        def __getattr__(self, name):
+            return getattr(engine, name)  # input, outputs
+
+        def predict(self, batch, *output):
             started = time.perf_counter()
-            logits = engine.predict(batch)
+            logits = engine.predict(batch, *output)
             spent.append(time.perf_counter() - started)
             return logits
 

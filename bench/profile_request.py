@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         data = make_image(Path(scratch), width, height).read_bytes()
     app = make_app(Settings())
-    engine = app.segmenter.engine
+    engine = app.repository.default.engine
     batch = np.random.default_rng(0).random((1, 128, 128, 3)).astype(np.float32)
 
     def request():

@@ -13,11 +13,11 @@ from pathlib import Path
 from PIL import Image
 
 from segapp.imaging import DEFAULT_DECODE_BYTES, DEFAULT_DECODE_CPU_SECONDS
-from segapp.inference import SHIPPED_MODEL
+from segapp.inference import SHIPPED_REPOSITORY
 
-FORMATS = ("png", "json", "overlay")
+FORMATS = ("png", "json", "overlay", "cutout")
 # The service's own paths (the try-it page at /, the Open Inference Protocol under /v2): SEGAPP_ROUTE cannot be one.
-RESERVED_ROUTES = ("/", "/healthz", "/readyz", "/metrics", "/v1/model", "/openapi.json", "/v2")
+RESERVED_ROUTES = ("/", "/healthz", "/readyz", "/metrics", "/v1/model", "/v1/models", "/openapi.json", "/v2")
 # segapp.imaging keeps Pillow's process-wide guard, which refuses larger images whatever segapp's own limit says.
 PILLOW_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -31,9 +31,21 @@ class SettingsError(ValueError):
 class Settings:
     """segapp's settings. Each field's environment variable is SEGAPP_ + its name in upper case."""
 
-    model: Path = SHIPPED_MODEL
-    """SEGAPP_MODEL: the model file (.tflite for LiteRT, .keras or a SavedModel folder for TensorFlow); its card is
-    the .json beside it. Default: the shipped demonstration model."""
+    model: Path | None = None
+    """SEGAPP_MODEL: serve this one network file (.tflite for LiteRT, .keras or a SavedModel folder for TensorFlow,
+    .onnx for ONNX Runtime), its card the .json beside it: a repository of one model. Unset: SEGAPP_MODEL_REPOSITORY."""
+    model_repository: Path = SHIPPED_REPOSITORY
+    """SEGAPP_MODEL_REPOSITORY: the folder of models to serve, DIR/NAME/model.json and DIR/NAME/N/model.*
+    (docs/models.md). Default: the shipped repository, segapp/models (the demonstration model, and `person` where
+    `make models` fetched it)."""
+    default_model: str | None = None
+    """SEGAPP_DEFAULT_MODEL: the model that answers requests that name none. Default: the repository's
+    repository.json "default_model", or its only model."""
+    loaded_file: Path | None = None
+    """SEGAPP_LOADED_FILE: made by the first worker that has loaded its models. While it exists, a worker that starts
+    (a chain reload, a respawn) refuses a model version that fails to load and keeps serving the one before it;
+    without it, such a version stops the server. uwsgi/segapp.ini names RUN/loaded and removes it at the master's
+    start."""
     threads: int = 1
     """SEGAPP_THREADS: engine threads per worker. Workers x threads should equal the cores."""
     route: str = "/infer"
@@ -67,7 +79,8 @@ class Settings:
     def __post_init__(self):
         problems = {
             "threads": self.threads < 1,
-            "route": not self.route.startswith("/") or self.route in RESERVED_ROUTES or self.route.startswith("/v2/"),
+            "route": not self.route.startswith("/") or self.route in RESERVED_ROUTES
+            or self.route.startswith(("/v2/", "/v1/models/")),
             "max_body_bytes": self.max_body_bytes < 1,
             "max_pixels": not 1 <= self.max_pixels <= PILLOW_MAX_PIXELS,
             "max_decode_bytes": self.max_decode_bytes < 1,
@@ -101,6 +114,7 @@ _HINTS = {
     "max_decode_bytes": "a whole number of bytes of at least 1",
     "decode_cpu_seconds": "a number of seconds above 0, at most 3600",
     "default_format": "one of " + ", ".join(FORMATS),
+    "model": "a network file",
     "log_level": "one of " + ", ".join(LOG_LEVELS),
     "engine_delay_ms": "a whole number of milliseconds, 0 or more",
 }
@@ -123,4 +137,6 @@ def _parse(name: str, kind: str, raw: str):
             raise SettingsError(f"{env_name(name)}={raw!r} is not valid: {_HINTS[name]}") from None
     if kind in ("Path", "Path | None"):
         return Path(raw)
+    if name == "default_model":
+        return raw
     return raw.upper() if name == "log_level" else raw

@@ -1,15 +1,13 @@
-"""Image bytes in, segmentation mask out: the `Segmenter` and the engines that run the network.
+"""Image bytes in, segmentation mask out: the `Segmenter`, one model's pipeline.
 
-Stages, each timed: decode (bytes -> RGB), infer (resize to the input size, run the engine), postprocess
-(upsample the logits to the image's size, argmax). Nothing here knows about HTTP, and importing this module does
-not import TensorFlow: only `TensorFlowEngine` does, when it is made.
+Stages, each timed: decode (bytes -> RGB), infer (fit the image to the network's input as its contract says, run the
+engine), postprocess (the network's answer as per-class scores, upsampled to the image's size, argmax). Nothing here
+knows about HTTP; the engines (segapp.engines) import their runtime only when made.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,178 +16,34 @@ import numpy as np
 from PIL import Image
 
 from segapp import upsampling
-from segapp.imaging import (
-    CLASS_NAMES,
-    DEFAULT_DECODE_BYTES,
-    DEFAULT_DECODE_CPU_SECONDS,
-    PALETTE,
-    decode_image,
-    resize_pixels,
-)
+from segapp.contract import Contract, make_contract, read_card
+from segapp.engines import open_engine
+from segapp.imaging import DEFAULT_DECODE_BYTES, DEFAULT_DECODE_CPU_SECONDS, decode_image, resize_pixels
 from segapp.upsampling import upsample_argmax
 
 log = logging.getLogger(__name__)
 
+MODELS = Path(__file__).parent / "models"
+# The shipped repository (segapp.repository): the int8 demonstration model, and MediaPipe's person model where
+# `make models` could fetch it.
+SHIPPED_REPOSITORY = MODELS
 # The default model: the int8 network, chosen by measurement (docs/benchmarks.md, "int8 network": same mIoU and
 # foreground IoU within 0.001 on the test split, the engine in well under half the float model's time).
-SHIPPED_MODEL = Path(__file__).parent / "models" / "unet-int8.tflite"
-# The float network it was quantized from, still selectable with SEGAPP_MODEL; unet.keras lies beside it.
-FLOAT_MODEL = SHIPPED_MODEL.with_name("unet.tflite")
+SHIPPED_MODEL = MODELS / "segapp-unet" / "1" / "model.tflite"
+# The float network it was quantized from, selectable with SEGAPP_MODEL; unet.keras and its card unet.json beside it.
+FLOAT_MODEL = MODELS / "unet.tflite"
 DEFAULT_MAX_PIXELS = 40_000_000
 # Mask pixels counted at a time by Segmentation.class_fractions: 8 MB of int64 counting.
 _COUNT_SLICE = 1 << 20
 
 
-class LiteRTEngine:
-    """Runs a .tflite model with LiteRT (XNNPACK on the CPU), `threads` threads.
-
-    A full-integer model (int8 or uint8 input and output, as `segapp-train` exports unet-int8.tflite) is fed
-    and read through the quantization parameters its interpreter reports, so `predict` takes and returns float32
-    for either kind of model.
-    """
-
-    name = "litert"
-
-    def __init__(self, path: str | Path, threads: int = 1):
-        from ai_edge_litert.interpreter import Interpreter
-
-        self._interpreter = Interpreter(model_path=str(path), num_threads=threads)
-        self._interpreter.allocate_tensors()
-        self._input = self._interpreter.get_input_details()[0]
-        self._output = self._interpreter.get_output_details()[0]
-        self._batch = int(self._input["shape"][0])
-        # One interpreter is not safe to invoke from two threads at once.
-        self._lock = threading.Lock()
-
-    @property
-    def quantized(self) -> bool:
-        """Whether the model takes integer input (a full-integer model)."""
-        return np.issubdtype(self._input["dtype"], np.integer)
-
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Logits N x 128 x 128 x classes (float32) for a float32 batch N x 128 x 128 x 3 in [0, 1]."""
-        with self._lock:
-            if batch.shape[0] != self._batch:
-                self._interpreter.resize_tensor_input(self._input["index"], batch.shape)
-                self._interpreter.allocate_tensors()
-                self._batch = batch.shape[0]
-            self._interpreter.set_tensor(self._input["index"], _quantize(batch, self._input))
-            self._interpreter.invoke()
-            return _dequantize(self._interpreter.get_tensor(self._output["index"]), self._output)
-
-
-def _quantize(values: np.ndarray, tensor: dict) -> np.ndarray:
-    """Float values as the input tensor's type: unchanged for a float tensor, else round(x / scale) + zero point."""
-    dtype = tensor["dtype"]
-    if not np.issubdtype(dtype, np.integer):
-        return np.ascontiguousarray(values, dtype=np.float32)
-    scale, zero_point = tensor["quantization"]
-    limits = np.iinfo(dtype)
-    quantized = np.rint(np.asarray(values, np.float32) * np.float32(1 / scale)) + np.float32(zero_point)
-    return np.clip(quantized, limits.min, limits.max).astype(dtype)
-
-
-def _dequantize(values: np.ndarray, tensor: dict) -> np.ndarray:
-    """An output tensor as float32: (q - zero point) * scale for an integer tensor, else a copy."""
-    if not np.issubdtype(values.dtype, np.integer):
-        return values.copy()
-    scale, zero_point = tensor["quantization"]
-    return (values.astype(np.float32) - np.float32(zero_point)) * np.float32(scale)
-
-
-class TensorFlowEngine:
-    """Runs a .keras file or a SavedModel folder with TensorFlow, `threads` intra-op threads."""
-
-    name = "tensorflow"
-
-    def __init__(self, path: str | Path, threads: int = 1):
-        import tensorflow as tf
-
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-            tf.config.threading.set_inter_op_parallelism_threads(1)
-        except RuntimeError:
-            pass  # TensorFlow's context already started in this process; its pools stay as they are.
-        path = Path(path)
-        if path.is_dir():
-            loaded = tf.saved_model.load(str(path))
-            signature = loaded.signatures["serving_default"]
-            self._call = lambda x: next(iter(signature(tf.constant(x)).values()))
-        else:
-            import keras
-
-            model = keras.saving.load_model(str(path), compile=False)
-            self._call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Logits N x 128 x 128 x classes for a float32 batch N x 128 x 128 x 3 in [0, 1]."""
-        return np.asarray(self._call(np.ascontiguousarray(batch, dtype=np.float32)))
-
-
-def make_engine(path: str | Path, threads: int = 1):
-    """The engine for a model file: LiteRT for .tflite, TensorFlow for .keras, .h5 or a SavedModel folder."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"model file {path} does not exist")
-    if path.suffix == ".tflite":
-        return LiteRTEngine(path, threads)
-    if path.is_dir() or path.suffix in (".keras", ".h5"):
-        return TensorFlowEngine(path, threads)
-    raise ValueError(f"{path}: unknown model format (expected .tflite, .keras, .h5 or a SavedModel folder)")
-
-
 def card_path(model_path: str | Path) -> Path:
-    """The model card beside a model: unet.tflite, unet.keras and unet/ all share unet.json; unet-int8.tflite has
-    unet-int8.json."""
-    return Path(model_path).with_suffix(".json")
-
-
-def read_card(model_path: str | Path) -> dict:
-    """The model's JSON card, or a minimal one naming the file when the model has none."""
-    path = card_path(model_path)
-    if path.exists():
-        return json.loads(path.read_text())
-    return {
-        "name": Path(model_path).stem,
-        "version": "unknown",
-        "classes": list(CLASS_NAMES),
-        "palette": [list(c) for c in PALETTE],
-        "input_size": [128, 128],
-    }
-
-
-class ModelCardError(ValueError):
-    """A model card that does not describe its network: the message names the card and what disagrees."""
-
-
-def check_card_classes(card: dict, outputs: int, path: Path) -> None:
-    """Refuse a card whose classes or palette do not match the network's `outputs` logits per pixel.
-
-    Every answer takes its labels and colours from the card, so a card that disagrees with the network would
-    name pixels wrongly (or fail on each request); it is refused once, when the model loads.
-    """
-    classes, palette = card.get("classes"), card.get("palette")
-    where = f"model card {path}" if path.exists() else f"the model beside {path} (it has no card)"
-    if not isinstance(classes, list) or not all(isinstance(name, str) and name for name in classes):
-        raise ModelCardError(f"{where}: 'classes' must be a list of class names")
-    if len(set(classes)) != len(classes):
-        raise ModelCardError(f"{where}: 'classes' names a class twice: {classes}")
-    if len(classes) != outputs:
-        raise ModelCardError(
-            f"{where}: the card names {len(classes)} classes {classes}, but the network outputs {outputs} per pixel"
-        )
-    if outputs > 256:
-        raise ModelCardError(f"{where}: {outputs} classes do not fit a palette PNG mask (at most 256)")
-    if not isinstance(palette, list) or len(palette) != len(classes):
-        count = len(palette) if isinstance(palette, list) else "no"
-        raise ModelCardError(f"{where}: 'palette' has {count} colours for {len(classes)} classes")
-    for colour in palette:
-        if not (
-            isinstance(colour, list | tuple)
-            and len(colour) == 3
-            and all(isinstance(c, int) and 0 <= c <= 255 for c in colour)
-        ):
-            raise ModelCardError(f"{where}: palette colour {colour!r} is not [red, green, blue] in 0-255")
+    """The card of a network given as a file (SEGAPP_MODEL): the .json beside it (unet.tflite, unet.keras and unet/
+    share unet.json). In a repository a version's network is DIR/NAME/N/model.*, and its card DIR/NAME/model.json."""
+    path = Path(model_path)
+    if path.name.startswith("model.") and path.parent.name.isdigit():
+        return path.parent.parent / "model.json"
+    return path.with_suffix(".json")
 
 
 @dataclass(frozen=True)
@@ -214,16 +68,25 @@ class Segmentation:
             if len(found) > num_classes:
                 raise ValueError(f"the mask has class {len(found) - 1}, but the model has {num_classes} classes")
             counts += found
-        if len(counts) > num_classes:
-            raise ValueError(f"the mask has class {len(counts) - 1}, but the model has {num_classes} classes")
         return (counts / max(self.mask.size, 1)).tolist()
 
 
-class Segmenter:
-    """Turns image bytes into a class mask with one model.
+@dataclass(frozen=True)
+class Placement:
+    """Where the image lies in the network's input: all of it when stretched, a centred box when letterboxed."""
 
-    Made cheaply; `load()` builds the engine, reads the card and runs a warm-up prediction, after which `ready`
-    is true. Pass `engine` to use one already built (tests pass fakes).
+    left: int
+    top: int
+    width: int
+    height: int
+
+
+class Segmenter:
+    """Turns image bytes into a class mask with one model (a network and its contract).
+
+    Made cheaply; `load()` builds the engine, reads the card, joins them into the contract (which runs the network
+    once) and is then `ready`. Pass `engine` to use one already built (tests pass fakes), `card_file` for a card
+    elsewhere than beside the network, `name` and `version` as a repository names them.
     """
 
     def __init__(
@@ -234,48 +97,65 @@ class Segmenter:
         engine=None,
         max_decode_bytes: int = DEFAULT_DECODE_BYTES,
         decode_cpu_seconds: float = DEFAULT_DECODE_CPU_SECONDS,
+        card_file: str | Path | None = None,
+        name: str | None = None,
+        version: str = "1",
     ):
         self.model_path = Path(model_path)
+        self.card_file = Path(card_file) if card_file is not None else card_path(model_path)
         self.threads = threads
         self.max_pixels = max_pixels
         self.max_decode_bytes = max_decode_bytes
         self.decode_cpu_seconds = decode_cpu_seconds
         self.engine = engine
+        # A repository's version is DIR/NAME/N/model.*: named by its folder; a file alone by its card, else its stem.
+        self.name = name or (self.model_path.parent.parent.name if self.card_file.name == "model.json" else None)
+        self.version = str(version)
+        self.contract: Contract | None = None
         self.card: dict = {}
-        self.input_size = 128
         self.ready = False
 
     def load(self) -> Segmenter:
-        """Build the engine, read the card, warm up; returns self."""
+        """Build the engine, read the card, check one against the other; returns self. Raises
+        `segapp.contract.ContractError` (or the engine's error) with one line naming what is wrong."""
         if self.engine is None:
-            self.engine = make_engine(self.model_path, self.threads)
-        card = read_card(self.model_path)
-        card["engine"] = getattr(self.engine, "name", type(self.engine).__name__)
-        self.input_size = int(card.get("input_size", [128])[0])
-        logits = self.engine.predict(np.zeros((1, self.input_size, self.input_size, 3), np.float32))
-        check_card_classes(card, int(logits.shape[-1]), card_path(self.model_path))
+            self.engine = open_engine(self.model_path, self.threads)
+        card = read_card(self.card_file)
+        where = str(self.card_file) if card is not None else f"{self.model_path} (no card)"
+        if card is None:
+            log.warning("%s has no card %s: serving it with what the network tells (classes class_0...)",
+                        self.model_path, self.card_file)
+        self.contract = make_contract(card, self.engine, where)
+        self.name = self.name or str(self.contract.card.get("name") or self.model_path.stem)
+        self.card = {**self.contract.describe(), "name": self.name, "version": self.version,
+                     "engine": getattr(self.engine, "name", type(self.engine).__name__)}
         if not upsampling.COMPILED:
             log.warning("segapp._upsampling was not built (no C compiler at install): masks are upsampled with "
                         "NumPy, the same masks at about half the speed")
-        self.card = card
         self.ready = True
         return self
+
+    @property
+    def input_size(self) -> int:
+        """The network's input height (its width is `contract.width`)."""
+        return self.contract.height
 
     def segment(self, data: bytes, full_pixels: bool = False, cpu_seconds: float | None = None) -> Segmentation:
         """Segment the image in `data`. Raises `segapp.imaging.ImageError` for bytes that are not a usable image.
 
-        With `full_pixels`, `Segmentation.image` is the image at full size, for an overlay; otherwise a large JPEG
-        is decoded at a reduced scale, which is all the network needs. `cpu_seconds` is the decode's CPU budget
-        (default: the segmenter's `decode_cpu_seconds`; a batch passes what its images have left).
+        With `full_pixels`, `Segmentation.image` is the image at full size, for an overlay or a cutout; otherwise a
+        large JPEG is decoded at a reduced scale, which is all the network needs. `cpu_seconds` is the decode's CPU
+        budget (default: the segmenter's `decode_cpu_seconds`; a batch passes what its images have left).
         """
         started = time.perf_counter()
-        draft = None if full_pixels else self.input_size
+        draft = None if full_pixels else max(self.contract.width, self.contract.height)
         decoded = decode_image(data, self.max_pixels, draft_size=draft, max_bytes=self.max_decode_bytes,
                                cpu_seconds=self.decode_cpu_seconds if cpu_seconds is None else cpu_seconds)
         decoded_at = time.perf_counter()
-        logits = self.predict_logits(decoded.image)
+        batch, placement = self.prepare(decoded.image)
+        answer = self.engine.predict(batch, self.contract.output)[0]
         inferred_at = time.perf_counter()
-        mask = upsample_argmax(logits, decoded.width, decoded.height)
+        mask = upsample_argmax(self.scores(answer, placement), decoded.width, decoded.height)
         done = time.perf_counter()
         timings = {
             "decode": decoded_at - started,
@@ -286,10 +166,64 @@ class Segmenter:
 
     def segment_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """The class mask for RGB pixels already decoded, at their own size."""
-        return upsample_argmax(self.predict_logits(pixels), pixels.shape[1], pixels.shape[0])
+        batch, placement = self.prepare(pixels)
+        answer = self.engine.predict(batch, self.contract.output)[0]
+        return upsample_argmax(self.scores(answer, placement), pixels.shape[1], pixels.shape[0])
+
+    def prepare(self, pixels: np.ndarray | Image.Image) -> tuple[np.ndarray, Placement]:
+        """A batch of one for the network (its size, layout, channel order and normalisation) from an RGB image
+        (uint8 array or Pillow image) of any size, and where the image lies in it."""
+        contract = self.contract
+        width, height = contract.width, contract.height
+        if contract.resize == "letterbox":
+            source_width, source_height = (pixels.size if isinstance(pixels, Image.Image)
+                                           else (pixels.shape[1], pixels.shape[0]))
+            scale = min(width / source_width, height / source_height)
+            inner_width = min(width, max(1, round(source_width * scale)))
+            inner_height = min(height, max(1, round(source_height * scale)))
+            placement = Placement((width - inner_width) // 2, (height - inner_height) // 2, inner_width, inner_height)
+            # The padding is the mean colour, which the normalisation makes 0.
+            fitted = np.empty((height, width, 3), np.uint8)
+            fitted[:] = np.clip(np.rint(contract.mean), 0, 255).astype(np.uint8)
+            fitted[placement.top : placement.top + inner_height, placement.left : placement.left + inner_width] = \
+                resize_pixels(pixels, inner_width, inner_height)
+        else:
+            placement = Placement(0, 0, width, height)
+            fitted = resize_pixels(pixels, width, height)
+        if contract.channels == "BGR":
+            fitted = fitted[..., ::-1]
+        batch = (fitted.astype(np.float32) - np.float32(contract.mean)) * np.float32(1 / np.asarray(contract.std))
+        if contract.layout == "NCHW":
+            batch = batch.transpose(2, 0, 1)
+        return np.ascontiguousarray(batch[None]), placement
 
     def predict_logits(self, pixels: np.ndarray | Image.Image) -> np.ndarray:
-        """Logits input_size x input_size x classes for an RGB image (uint8 array or Pillow image) of any size."""
-        size = self.input_size
-        batch = resize_pixels(pixels, size, size)[None].astype(np.float32) * np.float32(1 / 255)
-        return self.engine.predict(batch)[0]
+        """Per-class scores H x W x classes at the network's output size, for an RGB image of any size."""
+        batch, placement = self.prepare(pixels)
+        return self.scores(self.engine.predict(batch, self.contract.output)[0], placement)
+
+    def scores(self, answer: np.ndarray, placement: Placement) -> np.ndarray:
+        """The network's answer for one image as H x W x classes float32 scores whose argmax is the class, cropped
+        to the image when it was letterboxed: what `upsample_argmax` takes."""
+        contract = self.contract
+        if answer.ndim == 2:
+            answer = answer[..., None]
+        elif contract.layout == "NCHW":
+            answer = answer.transpose(1, 2, 0)
+        rows, columns = answer.shape[:2]
+        if contract.resize == "letterbox":
+            fy, fx = rows / contract.height, columns / contract.width
+            top, left = round(placement.top * fy), round(placement.left * fx)
+            bottom = max(top + 1, round((placement.top + placement.height) * fy))
+            right = max(left + 1, round((placement.left + placement.width) * fx))
+            answer = answer[top:bottom, left:right]
+        if contract.kind == "sigmoid":
+            # Two classes: at or below the threshold, above it; bilinear upsampling then compares the same way.
+            return np.concatenate([np.full_like(answer, contract.threshold, np.float32), answer], axis=-1)
+        if contract.kind == "labels":
+            labels = np.rint(answer[..., 0]).astype(np.int64)
+            if labels.size and not 0 <= labels.min() <= labels.max() < len(contract.classes):
+                raise ValueError(f"the network answered class {labels.max()}, but its card names "
+                                 f"{len(contract.classes)} classes")
+            return (labels[..., None] == np.arange(len(contract.classes))).astype(np.float32)
+        return np.ascontiguousarray(answer, dtype=np.float32)

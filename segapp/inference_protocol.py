@@ -10,8 +10,12 @@ Routes (REST; wsgi.py routes them here; every error is `{"error": "<message>"}` 
     POST /v2/models/{name}[/versions/{version}]/infer   inference: JSON tensors, or the binary tensor data extension
                                                         (a JSON header of Inference-Header-Content-Length bytes,
                                                         then the tensors' bytes)
+    POST /v2/repository/index                           every model version and its state (Triton's repository
+                                                        extension, what tritonclient's get_model_repository_index
+                                                        calls)
 
-The model is named by its card ("name", "version"). It takes one input, "image": UINT8 pixels [H, W, 3] or a batch
+Every model of the repository (segapp.repository) is served, by its folder's name and version numbers.
+Each takes one input, "image": UINT8 pixels [H, W, 3] or a batch
 [N, H, W, 3], or BYTES [N] (or []) holding encoded image files (binary: each a 4-byte little-endian length and the
 bytes; JSON: base64 strings). Outputs: "mask", UINT8 [H, W] class indices (with the input's batch dimension in front,
 [N, H, W]), and, when asked by name, "class_fractions", FP32 [classes] ([N, classes]). An output is binary when its
@@ -43,6 +47,7 @@ from webob.exc import (
 from segapp.errors import api_error, image_error
 from segapp.imaging import CpuBudget, ImageError, image_size
 from segapp.inference import Segmentation, Segmenter
+from segapp.repository import ModelRepository, UnknownModel
 from segapp.tensors import (
     HEADER_LENGTH,
     bad_request,
@@ -103,36 +108,28 @@ class InferenceAnswer:
 
 
 class InferenceProtocol:
-    """The protocol's view of one `Segmenter`: model metadata, request parsing, inference and answers."""
+    """The protocol's view of a model repository: model metadata, request parsing, inference and answers."""
 
-    def __init__(self, segmenter: Segmenter, max_pixels: int, clock=time.perf_counter):
-        self.segmenter = segmenter
+    def __init__(self, repository: ModelRepository, max_pixels: int, clock=time.perf_counter):
+        self.repository = repository
         self.max_pixels = max_pixels
         self.clock = clock
 
-    @property
-    def name(self) -> str:
-        return str(self.segmenter.card.get("name", "unknown"))
+    def model(self, name: str, version: str | None) -> Segmenter:
+        """The segmenter of model `name` (and `version`, when given); 404 naming what is served."""
+        try:
+            return self.repository.get(name, version)
+        except UnknownModel as error:
+            raise api_error(HTTPNotFound, error.code, str(error)) from None
 
-    @property
-    def version(self) -> str:
-        return str(self.segmenter.card.get("version", "unknown"))
-
-    def check_model(self, name: str, version: str | None) -> None:
-        """404 unless `name` (and `version`, when given) is the model served."""
-        if name != self.name:
-            raise api_error(HTTPNotFound, "unknown_model", f"unknown model {name!r}; this server serves {self.name!r}")
-        if version is not None and version != self.version:
-            raise api_error(HTTPNotFound, "unknown_version",
-                            f"model {name!r} has no version {version!r}; it serves version {self.version!r}")
-
-    def metadata(self) -> dict:
+    @staticmethod
+    def metadata(segmenter: Segmenter, versions: list[str]) -> dict:
         """GET /v2/models/{name}: the input and outputs with names, datatypes and shapes (-1: any size)."""
-        classes = len(self.segmenter.card.get("classes", ()))
+        classes = len(segmenter.card.get("classes", ()))
         return {
-            "name": self.name,
-            "versions": [self.version],
-            "platform": str(self.segmenter.card.get("engine", "unknown")),
+            "name": segmenter.name,
+            "versions": versions,
+            "platform": str(segmenter.card.get("engine", "unknown")),
             "inputs": [{"name": INPUT, "datatype": "UINT8", "shape": [-1, -1, 3]}],
             "outputs": [
                 {"name": "mask", "datatype": "UINT8", "shape": [-1, -1]},
@@ -213,20 +210,20 @@ class InferenceProtocol:
             raise api_error(HTTPRequestEntityTooLarge, "image_too_large",
                             f"{what} holds {pixels} pixels, over the limit of {self.max_pixels}")
 
-    def infer(self, request: InferenceRequest) -> list[Segmentation]:
+    def infer(self, segmenter: Segmenter, request: InferenceRequest) -> list[Segmentation]:
         """A segmentation per image; 400, 413 or 415 for an image that cannot be segmented, and for BYTES images of
         different sizes (their masks would not make one tensor). What the images add up to (pixels, and the size of
         a JSON answer) is checked from their headers before any is decoded."""
         if request.pixels is not None:
-            self._check_answer(request, request.pixels[0].shape[:2], len(request.pixels))
+            self._check_answer(segmenter, request, request.pixels[0].shape[:2], len(request.pixels))
             results = []
             for image in request.pixels:
                 started = self.clock()
-                mask = self.segmenter.segment_pixels(image)
+                mask = segmenter.segment_pixels(image)
                 results.append(Segmentation(mask=mask, timings={"infer": self.clock() - started}))
             return results
         # The images of a batch share one CPU budget: 20 progressive JPEGs each just under it would be minutes.
-        budget = CpuBudget(self.segmenter.decode_cpu_seconds)
+        budget = CpuBudget(segmenter.decode_cpu_seconds)
         sizes = []
         for index, data in enumerate(request.files):
             try:
@@ -238,11 +235,11 @@ class InferenceProtocol:
             raise api_error(HTTPRequestEntityTooLarge, "image_too_large",
                             f"the batch's images hold {pixels} pixels, over the limit of {self.max_pixels} a request")
         width, height = sizes[0]
-        self._check_answer(request, (height, width), len(sizes))
+        self._check_answer(segmenter, request, (height, width), len(sizes))
         results = []
         for index, data in enumerate(request.files):
             try:
-                result = self.segmenter.segment(data, cpu_seconds=budget.left())
+                result = segmenter.segment(data, cpu_seconds=budget.left())
             except ImageError as error:
                 raise image_error(error, self._where(request, index)) from None
             if results and result.mask.shape != results[0].mask.shape:
@@ -259,12 +256,13 @@ class InferenceProtocol:
     def _where(request: InferenceRequest, index: int) -> str:
         return f"image {index + 1} of {len(request.files)}: " if request.batched else ""
 
-    def _check_answer(self, request: InferenceRequest, shape: tuple[int, int], images: int) -> None:
+    @staticmethod
+    def _check_answer(segmenter: Segmenter, request: InferenceRequest, shape: tuple[int, int], images: int) -> None:
         """413 before any inference when the answer's JSON would be over MAX_JSON_ANSWER_BYTES (the mask as JSON
         numbers, each with its comma); a binary mask is one byte a pixel, bounded by the pixel limit."""
         if request.outputs.get("mask", True):
             return
-        classes = len(self.segmenter.card.get("classes", ())) or 1
+        classes = len(segmenter.card.get("classes", ())) or 1
         size = images * shape[0] * shape[1] * (len(str(classes - 1)) + 1)
         if size > MAX_JSON_ANSWER_BYTES:
             raise api_error(
@@ -273,10 +271,10 @@ class InferenceProtocol:
                 f"{MAX_JSON_ANSWER_BYTES}; ask for it as binary data (parameters: binary_data: true)",
             )
 
-    def answer(self, request: InferenceRequest, results: list[Segmentation]) -> InferenceAnswer:
+    def answer(self, segmenter: Segmenter, request: InferenceRequest, results: list[Segmentation]) -> InferenceAnswer:
         """The response: JSON, or a JSON header and the binary outputs after it."""
         started = self.clock()
-        classes = len(self.segmenter.card["classes"])
+        classes = len(segmenter.card["classes"])
         lead = [len(results)] if request.batched else []
         tensors = {
             "mask": ("UINT8", lead + list(results[0].mask.shape), np.stack([r.mask for r in results])),
@@ -293,7 +291,7 @@ class InferenceProtocol:
                 described.append(json.dumps({**head, "parameters": {"binary_data_size": len(raw)}}).encode())
             else:
                 described.append(json.dumps(head).encode()[:-1] + b', "data": [' + json_numbers(array) + b"]}")
-        top = {"model_name": self.name, "model_version": self.version}
+        top = {"model_name": segmenter.name, "model_version": segmenter.version}
         if request.request_id is not None:
             top["id"] = request.request_id
         header = json.dumps(top).encode()[:-1] + b', "outputs": [' + b", ".join(described) + b"]}"

@@ -1,4 +1,5 @@
-"""The answers drawn from a mask: the palette PNG of class indices, and the overlay of class colours on the image.
+"""The answers drawn from a mask: the palette PNG of class indices, the overlay of class colours on the image, and
+the cutout (the image with the background transparent).
 
 Both work in Pillow's C code, zlib or row bands, so a 40-megapixel mask or image needs no full-size float temporary.
 """
@@ -77,4 +78,19 @@ def overlay_to_jpeg(image: Image.Image | np.ndarray, mask: np.ndarray, palette=P
         image = Image.fromarray(image, "RGB")
     out = io.BytesIO()
     overlay(image, mask, palette).save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def cutout_png(image: Image.Image, mask: np.ndarray, foreground: tuple[int, ...]) -> bytes:
+    """The image as an RGBA PNG, opaque where the mask holds one of the `foreground` classes, transparent elsewhere
+    (background removal). The transparent pixels keep their colour: zero them and the PNG is smaller, but an editor
+    could no longer feather the edge."""
+    alpha = np.zeros(mask.shape, np.uint8)
+    for start in range(0, mask.shape[0], BAND_ROWS):
+        band = mask[start : start + BAND_ROWS]
+        alpha[start : start + BAND_ROWS] = np.isin(band, foreground) * np.uint8(255)
+    rgba = (image if isinstance(image, Image.Image) else Image.fromarray(image, "RGB")).convert("RGBA")
+    rgba.putalpha(Image.fromarray(alpha, "L"))
+    out = io.BytesIO()
+    rgba.save(out, "PNG", compress_level=1)
     return out.getvalue()

@@ -12,10 +12,12 @@ Metrics (route = route template or "other", never the raw path, so the label has
 
     segapp_requests_total{route, method, status}     counter
     segapp_request_duration_seconds{route}           histogram, request in to response built
-    segapp_stage_duration_seconds{stage}             histogram, stage = decode | infer | postprocess | encode
-    segapp_image_pixels                              histogram, pixels of each image segmented
+    segapp_stage_duration_seconds{stage, model, version}  histogram, stage = decode | infer | postprocess | encode
+    segapp_image_pixels{model, version}              histogram, pixels of each image segmented
     segapp_requests_in_flight                        gauge, summed over live workers
-    segapp_model_info{name, version, engine}         gauge, 1 per loaded model
+    segapp_model_info{name, version, engine}         gauge, 1 per loaded model version
+
+model and version are those of the repository's served versions (segapp.repository), a handful of values.
 """
 
 from __future__ import annotations
@@ -73,19 +75,19 @@ class Metrics:
             ("route",), buckets=REQUEST_BUCKETS, registry=registry,
         )
         self.stage_seconds = Histogram(
-            "segapp_stage_duration_seconds", "Time spent in each inference stage.",
-            ("stage",), buckets=STAGE_BUCKETS, registry=registry,
+            "segapp_stage_duration_seconds", "Time spent in each inference stage, by model and version.",
+            ("stage", "model", "version"), buckets=STAGE_BUCKETS, registry=registry,
         )
         self.image_pixels = Histogram(
-            "segapp_image_pixels", "Pixels (width x height) of each image segmented.",
-            buckets=PIXEL_BUCKETS, registry=registry,
+            "segapp_image_pixels", "Pixels (width x height) of each image segmented, by model and version.",
+            ("model", "version"), buckets=PIXEL_BUCKETS, registry=registry,
         )
         self.in_flight = Gauge(
             "segapp_requests_in_flight", "Requests being handled now.",
             registry=registry, multiprocess_mode="livesum",
         )
         self.model_info = Gauge(
-            "segapp_model_info", "The model being served (value 1).",
+            "segapp_model_info", "Each model version being served (value 1).",
             ("name", "version", "engine"), registry=registry, multiprocess_mode="livemax",
         )
 
@@ -107,11 +109,13 @@ class Metrics:
         self.requests.labels(route, method, str(status)).inc()
         self.request_seconds.labels(route).observe(seconds)
 
-    def observe_inference(self, timings: Mapping[str, float], pixels: int) -> None:
-        """Record the stage durations (seconds by stage name) and the size of one segmented image."""
+    def observe_inference(self, timings: Mapping[str, float], pixels: int | None, model: str, version: str) -> None:
+        """Record the stage durations (seconds by stage name) and the size of one image segmented (None: no image,
+        a batch's encoding) by `model` `version`."""
         for stage, seconds in timings.items():
-            self.stage_seconds.labels(stage).observe(seconds)
-        self.image_pixels.observe(pixels)
+            self.stage_seconds.labels(stage, model, version).observe(seconds)
+        if pixels is not None:
+            self.image_pixels.labels(model, version).observe(pixels)
 
     def set_model(self, card: Mapping) -> None:
         """Publish the model's name, version and engine."""

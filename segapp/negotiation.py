@@ -7,11 +7,14 @@ from webob.exc import HTTPBadRequest, HTTPNotAcceptable
 
 from segapp.errors import api_error
 
-MEDIA_TYPES = {"png": "image/png", "json": "application/json", "overlay": "image/jpeg"}
+MEDIA_TYPES = {"png": "image/png", "json": "application/json", "overlay": "image/jpeg", "cutout": "image/png"}
+# Answers an Accept header can choose; the cutout is a PNG too, so it is asked for by ?format=cutout (or made the
+# default with SEGAPP_DEFAULT_FORMAT).
+NEGOTIATED = ("png", "json", "overlay")
 
 
 def choose_format(request: Request, default: str) -> str:
-    """png, json or overlay for this request; 400 for an unknown ?format=, 406 when Accept allows none.
+    """png, json, overlay or cutout for this request; 400 for an unknown ?format=, 406 when Accept allows none.
 
     With equal preference (no Accept, `*/*`, `image/*` for png and overlay) the default format wins, then
     png, json, overlay in that order.
@@ -26,8 +29,9 @@ def choose_format(request: Request, default: str) -> str:
                 HTTPBadRequest, "bad_format", f"format {asked!r} is not one of {', '.join(MEDIA_TYPES)}"
             )
         return asked
-    order = [default] + [name for name in MEDIA_TYPES if name != default]
-    by_type = {MEDIA_TYPES[name]: name for name in order}
+    by_type = {}
+    for name in [default, *NEGOTIATED]:
+        by_type.setdefault(MEDIA_TYPES[name], name)
     offers = request.accept.acceptable_offers(list(by_type))
     if not offers:
         raise api_error(

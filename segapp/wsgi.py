@@ -1,328 +1,31 @@
-"""The WSGI application: HTTP in, `Segmenter` calls, HTTP out. WebOb requests and responses, no framework.
+"""What servers load: `application` (uWSGI: `module = segapp.wsgi:application`), and `make_app`, which builds the app
+from settings: the model repository loaded, metrics, logging.
 
-    POST {route}      image bytes (or multipart field "image") -> PNG mask, JSON or JPEG overlay
-    GET  /healthz     liveness        GET /readyz   readiness (503 until the model is loaded and warm)
-    GET  /v1/model    the model card  GET /metrics  Prometheus text format
-    GET  /openapi.json  the OpenAPI 3.1 description of these routes (segapp/openapi.yaml)
-    /v2/...           the Open Inference Protocol (KServe v2): segapp.inference_protocol lists its routes
-
-`make_app(settings, segmenter)` builds the app; `application` is what uWSGI loads (`module = segapp.wsgi:application`).
+In a uWSGI worker (lazy-apps: imported after the fork) the models are loaded and warmed at import, so a bad setting or
+model stops the server at start-up, in one line, and no request pays for the load. Anywhere else (tests, waitress,
+gunicorn) importing is cheap and the app is made on the first request.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import os
-import re
+import sys
 import threading
 import time
 
-from webob import Request, Response
-from webob.exc import (
-    HTTPBadRequest,
-    HTTPException,
-    HTTPInternalServerError,
-    HTTPMethodNotAllowed,
-    HTTPNotFound,
-    HTTPServiceUnavailable,
-)
+from webob.exc import HTTPServiceUnavailable
 
-from segapp.config import Settings
-from segapp.errors import api_error, image_error, render_error, request_id_for
-from segapp.imaging import ImageError
-from segapp.inference import Segmentation, Segmenter
-from segapp.inference_protocol import HEADER_LENGTH, InferenceProtocol, protocol_error_body, server_metadata
-from segapp.masks import mask_to_png, overlay_to_jpeg
+from segapp.app import SegmentationApp
+from segapp.config import Settings, SettingsError
+from segapp.errors import api_error, render_error, request_id_for
+from segapp.inference import Segmenter
 from segapp.metrics import Metrics
-from segapp.negotiation import MEDIA_TYPES, choose_format
-from segapp.openapi import description_json
-from segapp.uploads import check_media_type, discard_body, read_body, read_image
+from segapp.repository import ModelLoadError, ModelRepository
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("segapp.access")
-
-# Metric labels take the method only from this set, so a client cannot grow the label's values.
-_METHOD_LABELS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"))
-_READ_METHODS = ("GET", "HEAD")
-# A model's routes in the Open Inference Protocol: /v2/models/{name}, optionally /versions/{version}, then more.
-_V2_MODEL = r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?"
-
-
-class SegmentationApp:
-    """The WSGI callable. `__call__` builds a `webob.Request`, `dispatch` finds the `on_<endpoint>` handler.
-
-    Every answer, error or not, carries X-Request-ID and Server-Timing; every rejection is a `webob.exc`
-    exception rendered as JSON at one place; nothing raises out of `__call__`.
-    """
-
-    def __init__(self, settings: Settings, segmenter: Segmenter, metrics: Metrics, clock=time.perf_counter):
-        self.settings = settings
-        self.segmenter = segmenter
-        self.metrics = metrics
-        self.clock = clock
-        self.protocol = InferenceProtocol(segmenter, settings.max_pixels, clock)
-        # path -> (endpoint, methods allowed)
-        self.routes = {
-            settings.route: ("infer", ("POST",)),
-            "/healthz": ("healthz", _READ_METHODS),
-            "/readyz": ("readyz", _READ_METHODS),
-            "/v1/model": ("model", _READ_METHODS),
-            "/metrics": ("metrics", _READ_METHODS),
-            "/openapi.json": ("openapi", _READ_METHODS),
-            "/v2": ("v2_server", _READ_METHODS),
-            "/v2/health/live": ("v2_live", _READ_METHODS),
-            "/v2/health/ready": ("v2_ready", _READ_METHODS),
-        }
-        # Paths with parameters, tried in order after the exact ones: (pattern, route template for the metrics'
-        # label, endpoint, methods allowed); the pattern's named groups are the handler's keyword arguments.
-        self.patterns = [
-            (re.compile(_V2_MODEL), "/v2/models/{name}", "v2_model", _READ_METHODS),
-            (re.compile(_V2_MODEL + "/ready"), "/v2/models/{name}/ready", "v2_model_ready", _READ_METHODS),
-            (re.compile(_V2_MODEL + "/infer"), "/v2/models/{name}/infer", "v2_infer", ("POST",)),
-        ]
-
-    def __call__(self, environ, start_response):
-        started = self.clock()
-        request = Request(environ)
-        request_id = request_id_for(environ.get("HTTP_X_REQUEST_ID"))
-        path = request_path(environ)
-        # A scrape does not count itself: an idle server reads 0 requests in flight.
-        counted = path != "/metrics"
-        if counted:
-            self.metrics.in_flight.inc()
-        try:
-            response = self.dispatch(request, path)
-        except HTTPException as error:
-            response = self.render_error(path, error, request_id)
-        except Exception:
-            log.exception("unexpected error answering %s %r request_id=%s", request.method, path, request_id)
-            error = HTTPInternalServerError(detail="unexpected error; see the server log")
-            response = self.render_error(path, error, request_id)
-        finally:
-            if counted:
-                self.metrics.in_flight.dec()
-        # A worker that answers with the body unread closes a socket holding data, which resets it; nginx can then
-        # lose the answer and send 502 (1 in 10,000 fuzzed requests). Whatever the route, read what is left, bounded.
-        discard_body(environ, self.settings.max_body_bytes)
-        elapsed = self.clock() - started
-        response.headers["X-Request-ID"] = request_id
-        timing = f"total;dur={elapsed * 1000:.2f}"
-        stages = response.headers.get("Server-Timing")
-        response.headers["Server-Timing"] = f"{stages}, {timing}" if stages else timing
-        try:
-            self._account(request, path, response, request_id, elapsed)
-        except Exception:  # metrics or a log handler failing must not cost the client its answer
-            log.exception("could not record request_id=%s", request_id)
-        return response(environ, start_response)
-
-    def route(self, path: str) -> tuple[str | None, str, tuple[str, ...], dict[str, str]]:
-        """(endpoint, route template, methods allowed, path parameters) for `path`; endpoint None when none."""
-        if path in self.routes:
-            endpoint, allowed = self.routes[path]
-            return endpoint, path, allowed, {}
-        for pattern, template, endpoint, allowed in self.patterns:
-            if match := pattern.fullmatch(path):
-                return endpoint, template, allowed, match.groupdict()
-        return None, "other", (), {}
-
-    def render_error(self, path: str | None, error: HTTPException, request_id: str) -> Response:
-        """`error` as JSON: the Open Inference Protocol's `{"error": "..."}` under /v2, segapp's shape elsewhere."""
-        response = render_error(error, request_id)
-        if path is not None and (path == "/v2" or path.startswith("/v2/")):
-            response.body = protocol_error_body(error)
-        return response
-
-    def dispatch(self, request: Request, path: str | None) -> Response:
-        """The handler's response for `request` at `path` (None: not UTF-8); raises `webob.exc` exceptions for
-        rejections."""
-        if path is None:
-            raise api_error(HTTPBadRequest, "bad_path", "the request path is not UTF-8 once its %XX escapes are undone")
-        endpoint, _, allowed, parameters = self.route(path)
-        if endpoint is None or "//" in path:
-            # An empty segment names nothing (nginx merges slashes before it matches a location, so the app sees
-            # the client's own path in REQUEST_URI).
-            raise api_error(HTTPNotFound, "not_found", f"there is no resource at {path!r}")
-        if request.method not in allowed:
-            raise api_error(
-                HTTPMethodNotAllowed, "method_not_allowed",
-                f"{request.method} is not allowed on {path}; use {', '.join(allowed)}", allow=allowed,
-            )
-        return getattr(self, f"on_{endpoint}")(request, **parameters)
-
-    def on_infer(self, request: Request) -> Response:
-        """Segment the POSTed image; answer a PNG mask, JSON or a JPEG overlay."""
-        self._require_ready()
-        check_media_type(request)
-        answer = choose_format(request, self.settings.default_format)
-        data = read_image(request, self.settings.max_body_bytes)
-        try:
-            result = self.segmenter.segment(data, full_pixels=answer == "overlay")
-        except ImageError as error:
-            raise image_error(error) from None
-        encode_started = self.clock()
-        body = self.encode(answer, result)
-        timings = {**result.timings, "encode": self.clock() - encode_started}
-        self.metrics.observe_inference(timings, int(result.mask.size))
-        response = Response(body=body, content_type=MEDIA_TYPES[answer], charset=None)
-        response.vary = ("Accept",)
-        response.headers["Server-Timing"] = ", ".join(f"{name};dur={sec * 1000:.2f}" for name, sec in timings.items())
-        return response
-
-    def encode(self, answer: str, result: Segmentation) -> bytes:
-        """The answer's bytes: a palette PNG of the mask, JSON with that PNG in base64, or a JPEG overlay."""
-        card = self.segmenter.card
-        # Classes and colours come from the card, which Segmenter.load checked against the network's outputs.
-        palette = card["palette"]
-        if answer == "overlay":
-            return overlay_to_jpeg(result.image, result.mask, palette)
-        png = mask_to_png(result.mask, palette)
-        if answer == "png":
-            return png
-        classes = list(card["classes"])
-        height, width = result.mask.shape
-        fractions = zip(classes, result.class_fractions(len(classes)), strict=True)
-        return _json_bytes({
-            "width": width,
-            "height": height,
-            "classes": classes,
-            "fractions": {name: round(share, 6) for name, share in fractions},
-            "mask": base64.b64encode(png).decode("ascii"),
-            "model": _model_summary(card),
-        })
-
-    def on_healthz(self, request: Request) -> Response:
-        """Liveness: 200 whenever the process can answer."""
-        return _json_response({"status": "ok"})
-
-    def on_readyz(self, request: Request) -> Response:
-        """Readiness: 200 once the model is loaded and warm; 503 before, while the instance drains, and while its run
-        folder is full."""
-        self._require_ready()
-        drain_file = self.settings.drain_file
-        if drain_file is not None and drain_file.exists():
-            raise api_error(
-                HTTPServiceUnavailable, "draining",
-                "this instance is stopping; it still answers requests, but send new ones elsewhere", retry_after=1,
-            )
-        # Its workers still serve, but without metrics files: out of the balancer, and replaced with a fresh folder.
-        if self.metrics.folder_full():
-            raise api_error(
-                HTTPServiceUnavailable, "run_folder_full",
-                "the run folder's file system is full: this instance answers requests, but its workers' metrics are "
-                "off; free or enlarge it (docs/operations.md, \"The run folder\")", retry_after=1,
-            )
-        return _json_response({"status": "ready", "model": _model_summary(self.segmenter.card)})
-
-    def on_model(self, request: Request) -> Response:
-        """The model card: name, version, classes, palette, input size, engine, measured quality."""
-        self._require_ready()
-        return _json_response(self.segmenter.card)
-
-    def on_metrics(self, request: Request) -> Response:
-        """Prometheus text format, summed over worker processes in multiprocess mode."""
-        body, content_type = self.metrics.exposition()
-        response = Response(body=body)
-        response.headers["Content-Type"] = content_type
-        return response
-
-    def on_openapi(self, request: Request) -> Response:
-        """The OpenAPI 3.1 description of this API (segapp/openapi.yaml) as JSON, naming this app's inference path."""
-        return Response(body=description_json(self.settings.route), content_type="application/json", charset=None)
-
-    def on_v2_server(self, request: Request) -> Response:
-        """Open Inference Protocol server metadata: name, version, extensions."""
-        return _json_response(server_metadata())
-
-    def on_v2_live(self, request: Request) -> Response:
-        """Open Inference Protocol liveness: 200 whenever the process can answer."""
-        return _json_response({"live": True})
-
-    def on_v2_ready(self, request: Request) -> Response:
-        """Open Inference Protocol readiness: as /readyz, 503 while the model loads or the instance drains."""
-        self.on_readyz(request)  # raises its 503s
-        return _json_response({"ready": True})
-
-    def on_v2_model(self, request: Request, name: str, version: str | None) -> Response:
-        """Open Inference Protocol model metadata: the input and outputs, their datatypes and shapes."""
-        self._require_ready()
-        self.protocol.check_model(name, version)
-        return _json_response(self.protocol.metadata())
-
-    def on_v2_model_ready(self, request: Request, name: str, version: str | None) -> Response:
-        """Open Inference Protocol model readiness: 200 once the model is loaded, 503 before."""
-        self._require_ready()
-        self.protocol.check_model(name, version)
-        return _json_response({"name": name, "ready": True})
-
-    def on_v2_infer(self, request: Request, name: str, version: str | None) -> Response:
-        """Open Inference Protocol inference: JSON or binary tensors in, the mask (and class fractions) out."""
-        # The body first, within the limit: answering with it unread would reset the socket under nginx.
-        body = read_body(request.environ, self.settings.max_body_bytes)
-        self._require_ready()
-        self.protocol.check_model(name, version)
-        header_length = request.environ.get("HTTP_" + HEADER_LENGTH.upper().replace("-", "_"))
-        parsed = self.protocol.parse(body, request.content_type.lower(), header_length)
-        answer = self.protocol.answer(parsed, self.protocol.infer(parsed))
-        for result in answer.segmentations:
-            self.metrics.observe_inference(result.timings, int(result.mask.size))
-        self.metrics.stage_seconds.labels("encode").observe(answer.timings["encode"])
-        binary = answer.header_length is not None
-        response = Response(body=answer.body, charset=None,
-                            content_type="application/octet-stream" if binary else "application/json")
-        if binary:
-            response.headers[HEADER_LENGTH] = str(answer.header_length)
-        response.headers["Server-Timing"] = ", ".join(
-            f"{stage};dur={seconds * 1000:.2f}" for stage, seconds in answer.timings.items()
-        )
-        return response
-
-    def _require_ready(self) -> None:
-        if not self.segmenter.ready:
-            raise api_error(
-                HTTPServiceUnavailable, "not_ready", "the model is loading; try again shortly", retry_after=1
-            )
-
-    def _account(self, request: Request, path: str | None, response: Response, request_id: str,
-                 elapsed: float) -> None:
-        route = "other" if path is None else self.route(path)[1]
-        method = request.method if request.method in _METHOD_LABELS else "other"
-        self.metrics.observe_request(route, method, response.status_code, elapsed)
-        if path is None:  # not UTF-8: logged with its bytes escaped
-            path = request.environ.get("PATH_INFO", "").encode("latin-1", "replace").decode("utf-8", "backslashreplace")
-        access_log.info(
-            "%s %s %d %d %.1fms request_id=%s",
-            method, path, response.status_code, response.content_length or 0, elapsed * 1000, request_id,
-        )
-
-
-def request_path(environ: dict) -> str | None:
-    """The request's path as text, or None when its bytes are not UTF-8 (WSGI hands them over as latin-1).
-
-    Where the server passes the client's own URI (REQUEST_URI: uWSGI behind nginx, which merges "//" into "/"
-    before the app sees PATH_INFO), an empty segment in it is kept, so that it is answered as the unknown path it is.
-    """
-    try:
-        path = environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8")
-    except (UnicodeEncodeError, UnicodeDecodeError):
-        return None
-    raw = environ.get("REQUEST_URI", "").partition("?")[0]
-    if "//" in raw and "//" not in path:
-        return raw
-    return path
-
-
-def _model_summary(card: dict) -> dict:
-    return {key: card.get(key, "unknown") for key in ("name", "version", "engine")}
-
-
-def _json_bytes(value) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
-
-
-def _json_response(value) -> Response:
-    return Response(body=_json_bytes(value), content_type="application/json", charset=None)
+# uWSGI's exit status for an app that cannot load: its master stops instead of respawning the worker (need-app).
+_FAILED_APP_STATUS = 22
 
 
 class DelayedEngine:
@@ -333,9 +36,12 @@ class DelayedEngine:
         self.delay = delay_ms / 1000
         self.name = getattr(engine, "name", type(engine).__name__)
 
-    def predict(self, batch):
+    def __getattr__(self, name):
+        return getattr(self.engine, name)  # input, outputs
+
+    def predict(self, batch, output: int = 0):
         time.sleep(self.delay)
-        return self.engine.predict(batch)
+        return self.engine.predict(batch, output)
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -345,26 +51,42 @@ def configure_logging(level: str = "INFO") -> None:
 
 
 def make_app(settings: Settings | None = None, segmenter: Segmenter | None = None,
-             metrics: Metrics | None = None) -> SegmentationApp:
+             metrics: Metrics | None = None, repository: ModelRepository | None = None,
+             strict: bool = True) -> SegmentationApp:
     """The WSGI app for `settings` (default: from SEGAPP_* variables).
 
-    Without `segmenter`, loads and warms the model named by the settings (this takes the time; do it in each
-    worker after the fork). Without `metrics`, metrics are multiprocess when PROMETHEUS_MULTIPROC_DIR is set.
+    Without `repository` (or one `segmenter`, served as a repository of one), loads and warms the models the settings
+    name: SEGAPP_MODEL, else SEGAPP_MODEL_REPOSITORY (this takes the time; do it in each worker after the fork).
+    `strict`: a model version that fails to load raises `ModelLoadError` instead of being refused. Without `metrics`,
+    metrics are multiprocess when PROMETHEUS_MULTIPROC_DIR is set.
     """
     settings = settings or Settings.from_env()
     if not logging.getLogger().handlers:
         configure_logging(settings.log_level)
     logging.getLogger("segapp").setLevel(settings.log_level)
-    if segmenter is None:
-        segmenter = Segmenter(settings.model, settings.threads, settings.max_pixels,
-                              max_decode_bytes=settings.max_decode_bytes,
-                              decode_cpu_seconds=settings.decode_cpu_seconds).load()
-    if settings.engine_delay_ms and segmenter.engine is not None:
-        segmenter.engine = DelayedEngine(segmenter.engine, settings.engine_delay_ms)
+    if repository is None:
+        repository = ModelRepository.of(segmenter) if segmenter is not None else load_models(settings, strict)
+    for served in repository.segmenters():
+        if settings.engine_delay_ms and served.engine is not None:
+            served.engine = DelayedEngine(served.engine, settings.engine_delay_ms)
     metrics = metrics or Metrics.from_env()
-    if segmenter.ready:
-        metrics.set_model(segmenter.card)
-    return SegmentationApp(settings, segmenter, metrics)
+    for served in repository.segmenters():
+        if served.ready:
+            metrics.set_model(served.card)
+    return SegmentationApp(settings, repository, metrics)
+
+
+def load_models(settings: Settings, strict: bool = True) -> ModelRepository:
+    """The repository the settings name, every served version loaded: SEGAPP_MODEL's one file, or the folder."""
+    options = {"threads": settings.threads, "max_pixels": settings.max_pixels,
+               "max_decode_bytes": settings.max_decode_bytes, "decode_cpu_seconds": settings.decode_cpu_seconds}
+    if settings.model is not None:
+        try:
+            return ModelRepository.of(Segmenter(settings.model, **options).load())
+        except Exception as error:  # the runtimes raise their own kinds for a broken file
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ModelLoadError(f"SEGAPP_MODEL={settings.model}: {reason}") from None
+    return ModelRepository.load(settings.model_repository, settings.default_model, strict, **options)
 
 
 class LazyApplication:
@@ -408,7 +130,18 @@ def _inside_uwsgi() -> bool:
 def _uwsgi_worker_application() -> SegmentationApp:
     import uwsgi
 
-    app = make_app()
+    try:
+        settings = Settings.from_env()
+        # The first workers of a master are strict: a model that cannot load stops the server. Once one has loaded,
+        # a worker that starts (chain reload, respawn) refuses a broken new version and serves the one before it.
+        loaded = settings.loaded_file
+        app = make_app(settings, strict=not (loaded and loaded.exists()))
+    except (ModelLoadError, SettingsError) as error:
+        # One line, no traceback: this is the operator's mistake, not the program's.
+        log.critical("cannot start: %s", error)
+        sys.exit(_FAILED_APP_STATUS)
+    if loaded:
+        loaded.touch()
     pid = os.getpid()
     # A worker that stops (reload, max-requests) leaves the summed in-flight and model-info gauges at once, and its
     # counters move into the metrics folder's archive. A killed worker never runs this: the next worker to start, or
@@ -417,7 +150,4 @@ def _uwsgi_worker_application() -> SegmentationApp:
     return app
 
 
-# In a uWSGI worker (lazy-apps: imported after the fork) the model is loaded and warmed at import, so a bad
-# setting or model stops the worker at start-up and no request pays for the load. Anywhere else (tests,
-# waitress, gunicorn) importing is cheap and the app is made on the first request.
 application = _uwsgi_worker_application() if _inside_uwsgi() else LazyApplication()

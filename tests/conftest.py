@@ -13,6 +13,7 @@ from PIL import Image
 from webtest import TestApp
 
 from segapp.config import Settings
+from segapp.engines import TensorSpec
 from segapp.inference import Segmenter
 from segapp.metrics import Metrics
 from segapp.wsgi import make_app
@@ -56,13 +57,28 @@ def make_png_bomb(width: int = 20000, height: int = 20000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(idat)) + chunk(b"IEND", b"")
 
 
-class StripesEngine:
+class FakeEngine:
+    """The engine interface (segapp.engines) of a stand-in network: NHWC 128x128x3 float input, `classes` logits a
+    pixel out."""
+
+    classes = 3
+
+    @property
+    def input(self) -> TensorSpec:
+        return TensorSpec("image", (None, 128, 128, 3), "float32")
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return [TensorSpec("logits", (None, 128, 128, self.classes), "float32")]
+
+
+class StripesEngine(FakeEngine):
     """A stand-in network: class 0 on the left third of the 128x128 input, 1 in the middle, 2 on the right,
     whatever the image. Instant, so tests about HTTP do not wait on a model."""
 
     name = "stripes"
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
+    def predict(self, batch: np.ndarray, output: int = 0) -> np.ndarray:
         logits = np.zeros((batch.shape[0], 128, 128, 3), np.float32)
         for index, (start, stop) in enumerate(((0, 43), (43, 86), (86, 128))):
             logits[:, :, start:stop, index] = 10.0
@@ -138,7 +154,7 @@ def real_app(app_for, shipped_segmenter) -> TestApp:
     return app_for(shipped_segmenter)
 
 
-class BandsEngine:
+class BandsEngine(FakeEngine):
     """A stand-in network with `classes` outputs: class k on the k-th of `classes` vertical bands of the input."""
 
     name = "bands"
@@ -146,7 +162,7 @@ class BandsEngine:
     def __init__(self, classes: int):
         self.classes = classes
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
+    def predict(self, batch: np.ndarray, output: int = 0) -> np.ndarray:
         logits = np.zeros((batch.shape[0], 128, 128, self.classes), np.float32)
         edges = np.linspace(0, 128, self.classes + 1).round().astype(int)
         for index in range(self.classes):

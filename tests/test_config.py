@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 from segapp.config import Settings, SettingsError
-from segapp.inference import SHIPPED_MODEL
+from segapp.inference import SHIPPED_MODEL, SHIPPED_REPOSITORY
 
 
 def test_defaults_without_variables():
     settings = Settings.from_env({})
     assert settings == Settings()
-    assert settings.model == SHIPPED_MODEL and settings.model.exists()
+    assert settings.model is None and settings.model_repository == SHIPPED_REPOSITORY and SHIPPED_MODEL.exists()
     assert (settings.threads, settings.route) == (1, "/infer")
     assert (settings.default_format, settings.log_level) == ("png", "INFO")
     assert settings.max_body_bytes == 10 * 1024 * 1024

@@ -125,11 +125,11 @@ def test_ready_is_503_while_draining(app_for, fake_segmenter, tmp_path):
     assert app.get(MODEL + "/ready").json["ready"] is True
 
 
-@pytest.mark.parametrize("path", [MODEL, MODEL + "/versions/1.0.0"])
+@pytest.mark.parametrize("path", [MODEL, MODEL + "/versions/1"])
 def test_model_metadata_names_the_input_and_outputs(real_app, path):
     metadata = real_app.get(path).json
     assert metadata["name"] == "segapp-unet"
-    assert metadata["versions"] == ["1.0.0"]
+    assert metadata["versions"] == ["1"]
     assert metadata["platform"] == "litert"
     assert metadata["inputs"] == [{"name": "image", "datatype": "UINT8", "shape": [-1, -1, 3]}]
     assert metadata["outputs"] == [
@@ -141,9 +141,9 @@ def test_model_metadata_names_the_input_and_outputs(real_app, path):
 @pytest.mark.parametrize("path, says", [
     ("/v2/models/resnet50", "unknown model 'resnet50'"),
     ("/v2/models/resnet50/ready", "unknown model"),
-    ("/v2/models/segapp-unet/versions/9/ready", "no version '9'"),
-    ("/v2/models/segapp-unet/versions/9", "no version '9'"),
-    ("/v2/repository/index", "no resource"),
+    ("/v2/models/segapp-unet/versions/9/ready", "unknown version '9'"),
+    ("/v2/models/segapp-unet/versions/9", "unknown version '9'"),
+    ("/v2/repository/models", "no resource"),
     ("/v2/models/segapp-unet/config", "no resource"),
 ])
 def test_unknown_model_version_or_path_is_404_in_the_protocol_shape(app, path, says):
@@ -179,7 +179,7 @@ def test_uint8_image_gets_the_mask_of_its_pixels(real_app, shipped_segmenter, sc
     assert (header_length is not None) == binary
     assert response.content_type == ("application/octet-stream" if binary else "application/json")
     header = json.loads(response.body[: int(header_length)] if binary else response.body)
-    assert (header["model_name"], header["model_version"], header["id"]) == ("segapp-unet", "1.0.0", "req-7")
+    assert (header["model_name"], header["model_version"], header["id"]) == ("segapp-unet", "1", "req-7")
     mask = outputs_of(response)["mask"]
     assert mask.shape == (375, 500)
     np.testing.assert_array_equal(mask, shipped_segmenter.segment_pixels(pixels))
@@ -277,8 +277,8 @@ def test_answer_has_request_id_server_timing_and_metrics(app, make_image):
     assert {"parse", "decode", "infer", "encode", "total"} <= set(stages)
     metrics = app.get("/metrics").text
     assert 'segapp_requests_total{method="POST",route="/v2/models/{name}/infer",status="200"} 1.0' in metrics
-    assert 'segapp_stage_duration_seconds_count{stage="decode"} 1.0' in metrics
-    assert "segapp_image_pixels_count 1.0" in metrics
+    assert 'segapp_stage_duration_seconds_count{model="segapp-unet",stage="decode",version="1"} 1.0' in metrics
+    assert 'segapp_image_pixels_count{model="segapp-unet",version="1"} 1.0' in metrics
     app.get("/v2/models/anything", status=404)
     assert 'route="/v2/models/{name}",status="404"' in app.get("/metrics").text
 

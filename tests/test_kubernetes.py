@@ -13,7 +13,8 @@ from pathlib import PurePosixPath
 import kubernetes_validate
 import pytest
 
-from segapp.inference import SHIPPED_MODEL, read_card
+from segapp.contract import read_card
+from segapp.inference import SHIPPED_MODEL, card_path
 from tests.manifests import (
     KUSTOMIZATIONS,
     MODEL_VOLUME,
@@ -115,7 +116,7 @@ def test_no_service_link_overrides_a_segapp_setting(base):
 
 def test_the_image_is_the_one_make_image_tags(base):
     """`make image` tags segapp:<the shipped model's version>: a new model needs a new tag here."""
-    assert container(base)["image"] == f"segapp:{read_card(SHIPPED_MODEL)['version']}"
+    assert container(base)["image"] == f"segapp:{read_card(card_path(SHIPPED_MODEL))['release']}"
 
 
 def image_user() -> tuple[int, int]:

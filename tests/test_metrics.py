@@ -53,11 +53,11 @@ def test_metrics_show_stage_times_image_sizes_and_model(app, make_image):
         post_image(app, make_image("PNG", size))
     text = app.get("/metrics").text
     for stage in ("decode", "infer", "postprocess", "encode"):
-        assert sample(text, "segapp_stage_duration_seconds_count", stage=stage) == 2
-    assert sample(text, "segapp_image_pixels_count") == 2
-    assert sample(text, "segapp_image_pixels_sum") == 40 * 25 + 400 * 300
-    assert sample(text, "segapp_image_pixels_bucket", le="1e+06") == 2
-    assert sample(text, "segapp_model_info", name="segapp-unet", version="1.0.0", engine="stripes") == 1
+        assert sample(text, "segapp_stage_duration_seconds_count", stage=stage, model="segapp-unet", version="1") == 2
+    assert sample(text, "segapp_image_pixels_count", model="segapp-unet", version="1") == 2
+    assert sample(text, "segapp_image_pixels_sum", model="segapp-unet", version="1") == 40 * 25 + 400 * 300
+    assert sample(text, "segapp_image_pixels_bucket", model="segapp-unet", version="1", le="1e+06") == 2
+    assert sample(text, "segapp_model_info", name="segapp-unet", version="1", engine="stripes") == 1
     # The scrape does not count itself: nothing else is in flight.
     assert sample(text, "segapp_requests_in_flight") == 0
 
@@ -88,12 +88,15 @@ import sys
 import numpy as np
 from webob import Request
 from segapp.config import Settings
+from segapp.engines import TensorSpec
 from segapp.inference import Segmenter
 from segapp.wsgi import make_app
 
 class ZeroEngine:
     name = "zeros"
-    def predict(self, batch):
+    input = TensorSpec("image", (None, 128, 128, 3), "float32")
+    outputs = [TensorSpec("logits", (None, 128, 128, 3), "float32")]
+    def predict(self, batch, output=0):
         return np.zeros(batch.shape[:3] + (3,), np.float32)
 
 app = make_app(Settings(), segmenter=Segmenter(engine=ZeroEngine()).load())  # metrics from the environment
@@ -159,7 +162,7 @@ def test_multiprocess_mode_sums_over_worker_processes(tmp_path, app_for, fake_se
     assert sample(text, "segapp_requests_total", route="other", method="GET", status="404") == 2
     assert sample(text, "segapp_request_duration_seconds_count", route="/healthz") == 8
     assert sample(text, "segapp_requests_in_flight") == 0
-    assert sample(text, "segapp_model_info", name="segapp-unet", version="1.0.0", engine="zeros") == 1
+    assert sample(text, "segapp_model_info", name="segapp-unet", version="1", engine="zeros") == 1
     for worker in workers:
         assert files_of(tmp_path, worker.pid)  # each worker wrote its own files
         end(worker)
@@ -169,7 +172,7 @@ def test_multiprocess_mode_sums_over_worker_processes(tmp_path, app_for, fake_se
     assert sample(text, "segapp_requests_total", route="/healthz", method="GET", status="200") == 8
     assert sample(text, "segapp_request_duration_seconds_count", route="/healthz") == 8
     assert sample(text, "segapp_request_duration_seconds_bucket", route="/healthz", le="+Inf") == 8
-    assert sample(text, "segapp_model_info", name="segapp-unet", version="1.0.0", engine="zeros") is None
+    assert sample(text, "segapp_model_info", name="segapp-unet", version="1", engine="zeros") is None
     assert all(not files_of(tmp_path, worker.pid) for worker in workers)
     assert {"counter_archive.db", "histogram_archive.db"} <= set(os.listdir(tmp_path))
 

@@ -220,7 +220,7 @@ def test_readyz_is_503_draining_while_the_drain_file_exists_and_the_rest_is_serv
 def test_model_card(real_app, shipped_segmenter):
     card = real_app.get("/v1/model").json
     assert card == shipped_segmenter.card
-    assert {"name", "version", "classes", "palette", "input_size", "engine"} <= set(card)
+    assert {"name", "version", "classes", "palette", "input", "output", "engine"} <= set(card)
     assert card["engine"] == "litert"
 
 
