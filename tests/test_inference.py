@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segapp import scenes
-from segapp.evaluation import confusion, scores
 from segapp.inference import (
     FLOAT_MODEL,
     SHIPPED_MODEL,
@@ -20,6 +18,8 @@ from segapp.inference import (
     Segmenter,
     make_engine,
 )
+from segapp.training import scenes
+from segapp.training.evaluation import confusion, scores
 
 
 @pytest.fixture(scope="module")
