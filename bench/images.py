@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from segapp import scenes
+from segapp.training import scenes
 
 # Scenes are drawn in NumPy, slowly (1920x1080: 2 s, 2016x1512: 7 s on the bench machine), so a larger image is
 # drawn at most this big and upscaled by a whole factor (4032x3024: drawn at 1344x1008), soft like a phone's photo.

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segapp import datasets, scenes
+from segapp.training import datasets, scenes
 
 
 def test_scene_is_the_same_for_the_same_seed_and_index():

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from segapp.evaluation import confusion, engine_milliseconds, evaluate, format_table, scores
+from segapp.training.evaluation import confusion, engine_milliseconds, evaluate, format_table, scores
 
 
 def test_scores_on_hand_made_masks():

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segapp import scenes
-from segapp.evaluation import confusion, scores
 from segapp.contract import ContractError
 from segapp.engines import EngineError, open_engine
 from segapp.engines.litert import LiteRTEngine
 from segapp.inference import FLOAT_MODEL, SHIPPED_MODEL, Segmentation, Segmenter
+from segapp.training import scenes
+from segapp.training.evaluation import confusion, scores
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from PIL import Image
 from webtest import TestApp, TestRequest
 
-from segapp import scenes
 from segapp.config import Settings
 from segapp.inference_protocol import MAX_BATCH, OUTPUTS
+from segapp.training import scenes
 
 MODEL = "/v2/models/segapp-unet"
 INFER = MODEL + "/infer"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segapp import datasets, train
+from segapp.training import datasets, train
 
 pytest.importorskip("tensorflow", reason="the tensorflow extra is part of make test")
 

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from segapp import unet
 from segapp.inference import FLOAT_MODEL
+from segapp.training import unet
 
 keras = pytest.importorskip("keras", reason="the tensorflow extra is part of make test")
 

@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
 
-from segapp import scenes, upsampling
+from segapp import upsampling
 from segapp.inference import SHIPPED_MODEL, Segmenter
+from segapp.training import scenes
 from segapp.upsampling import upsample_argmax
 
 # Every contract test runs on both paths: segapp/_upsampling.c and the NumPy fallback.

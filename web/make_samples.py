@@ -1,5 +1,5 @@
 """Write the try-it page's sample images, web/samples/scene-N.jpg: held-out synthetic scenes the shipped model
-never trained on (the test split of segapp.scenes, the split `make eval` scores).
+never trained on (the test split of segapp.training.scenes, the split `make eval` scores).
 
 The first SAMPLES test scenes whose short side is at least MIN_SIDE pixels, at their own size, as JPEGs of the
 quality a camera would write; not chosen by how well the model does on them. Run from the repository root:
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from segapp import scenes
+from segapp.training import scenes
 
 OUT = Path(__file__).resolve().parent / "samples"
 SAMPLES = 4

@@ -1,9 +1,9 @@
 """Write docs/images/scene-mask-overlay.png for the README: a held-out synthetic scene as the server gets it (a JPEG),
 the mask the shipped model answers for it, and the overlay `?format=overlay` answers, side by side.
 
-The scene is the first of web/samples/ (test split of segapp.scenes, never trained on); the mask and the overlay
-come from the server's own code (Segmenter.segment, mask_to_png, overlay) with the model card's palette. Run from
-the repository root:
+The scene is the first of web/samples/ (test split of segapp.training.scenes, never trained on); the mask and the
+overlay come from the server's own code (Segmenter.segment, mask_to_png, overlay) with the model card's palette. Run
+from the repository root:
     .venv/bin/python docs/images/make_pictures.py [--model segapp/models/unet.tflite] [--index 0]
 """
 
@@ -16,9 +16,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from segapp import scenes
 from segapp.inference import SHIPPED_MODEL, Segmenter
 from segapp.masks import mask_to_png, overlay
+from segapp.training import scenes
 
 OUT = Path(__file__).resolve().parent / "scene-mask-overlay.png"
 PANEL_HEIGHT = 300

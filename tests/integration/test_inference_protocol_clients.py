@@ -18,7 +18,7 @@ from kserve.protocol.infer_type import RequestedOutput
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from segapp import scenes
+from segapp.training import scenes
 
 pytestmark = pytest.mark.integration
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segapp import scenes
 from segapp.imaging import CLASS_NAMES, ImageError, decode_image, resize_pixels
+from segapp.training import scenes
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 _MAX_PIXELS = 100_000_000

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from segapp import datasets, evaluation, unet
 from segapp.imaging import CLASS_NAMES, PALETTE, resize_pixels
 from segapp.inference import Segmenter, card_path, read_card
+from segapp.training import datasets, evaluation, unet
 
 MODEL_NAME = "segapp-unet"
 FLOAT_FILE = "unet.tflite"
