@@ -16,6 +16,8 @@ RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       ca-certificates python3 python3-venv python3-dev gcc libc6-dev \
  && update-ca-certificates
+# segapp's wheel carries segapp/models (package_data): the demonstration models and, when `make models` fetched it,
+# the person model (MediaPipe's selfie segmentation, Apache-2.0).
 COPY build/image/wheels/ /wheels/
 # Only the packages `make serve` runs with: no TensorFlow, no test or bench tools; then pip itself goes.
 RUN python3 -m venv /opt/segapp/venv \
@@ -67,6 +69,6 @@ LABEL org.opencontainers.image.title="segapp" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.created="${CREATED}" \
-      org.opencontainers.image.licenses="MIT" \
+      org.opencontainers.image.licenses="MIT AND Apache-2.0" \
       org.opencontainers.image.base.name="${BASE}" \
       io.segapp.model.version="${MODEL_VERSION}"

@@ -4,6 +4,7 @@
 #   make train   retrain the shipped demonstration model (synthetic scenes) into segapp/models
 #   make eval    measure the shipped model on the held-out synthetic test split
 #   make image   the runtime container image (Dockerfile), segapp:<model version>; needs a running Docker daemon
+#   make models  MediaPipe's selfie segmentation into segapp/models as model `person` (serve, test and image do it first)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,7 +15,7 @@ EXTRAS ?= tensorflow,serve,bench,test
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: venv nginx wrk chromium docker kubectl image serve test train eval bench lint clean
+.PHONY: venv nginx wrk chromium docker kubectl models image serve test train eval bench lint clean
 
 # The venv is rebuilt when the package's requirements or its compiled module (segapp/_upsampling.c) change.
 $(BIN)/.installed-$(EXTRAS): setup.cfg pyproject.toml setup.py segapp/_upsampling.c
@@ -62,15 +63,25 @@ kubectl:
 	  echo "installing kubernetes-client (kubectl) from Debian's packages"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq kubernetes-client >/dev/null; }
 
+# MediaPipe's selfie segmentation network as model `person` (deploy/fetch-person-model): published inside an npm
+# package, so npm fetches it, a pinned version checked by SHA-256, never committed. npm from Debian's packages when it is
+# missing and the model is not there yet (apt's output hidden: the script's one line says what came of it). Where it
+# cannot be fetched, the script says so in one line and the server starts without `person`.
+models:
+	@test -f segapp/models/person/1/model.tflite || command -v npm >/dev/null || { \
+	  echo "installing npm from Debian's packages, to fetch the person model"; \
+	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq npm; } >/dev/null 2>&1 || true; }
+	@deploy/fetch-person-model
+
 # The runtime image (Dockerfile), tagged segapp:<model version>; needs a running Docker daemon (docs/deploy.md).
-image: venv docker
+image: venv docker models
 	PATH="$$PATH:/usr/sbin:/sbin" VENV=$(VENV) deploy/build-image
 
 # The whole stack in the foreground; uwsgi/serve prints the URL once /readyz answers. Ctrl-C stops every process.
-serve: venv nginx
+serve: venv nginx models
 	VENV=$(VENV) exec uwsgi/serve
 
-test: venv nginx wrk chromium docker kubectl
+test: venv nginx wrk chromium docker kubectl models
 	$(BIN)/ruff check segapp tests bench
 	PATH="$$PATH:/usr/sbin:/sbin" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
