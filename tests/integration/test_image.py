@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from bench.stack import Endpoint, free_port
-from segapp.inference import SHIPPED_MODEL, read_card
+from segapp.contract import read_card
+from segapp.inference import SHIPPED_MODEL, card_path
 from segapp.openapi import load_description
 
 pytestmark = pytest.mark.integration
@@ -58,7 +59,7 @@ def test_hardened_container_serves_as_an_unprivileged_user(docker, image, record
     assert answer.status == 200, answer.body[:300]
     assert Image.open(io.BytesIO(answer.body)).size == (320, 200)
     card = endpoint.request("GET", "/v1/model").json()
-    assert card["version"] == read_card(SHIPPED_MODEL)["version"]
+    assert card["release"] == read_card(card_path(SHIPPED_MODEL))["release"]
     # Every documented read route answers in the image as in the checkout: segapp runs from its installed wheel here,
     # and on 723bb99 /openapi.json read a file outside the package and answered 500.
     description = load_description()
@@ -82,7 +83,7 @@ def test_hardened_container_serves_as_an_unprivileged_user(docker, image, record
 def test_image_labels_and_its_healthcheck(docker, image):
     config = docker.json("image", "inspect", image)[0]["Config"]
     labels = config["Labels"]
-    assert labels["io.segapp.model.version"] == read_card(SHIPPED_MODEL)["version"]
+    assert labels["io.segapp.model.version"] == read_card(card_path(SHIPPED_MODEL))["release"]
     for key in ("title", "version", "revision", "created", "base.name"):
         assert labels[f"org.opencontainers.image.{key}"] not in ("", "unknown"), key
     assert "/readyz" in " ".join(config["Healthcheck"]["Test"])

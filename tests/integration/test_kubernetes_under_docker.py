@@ -14,7 +14,8 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from bench.stack import free_port
-from segapp.inference import SHIPPED_MODEL, card_path, read_card
+from segapp.contract import read_card
+from segapp.inference import SHIPPED_MODEL, card_path
 from tests.integration.conftest import Endpoint
 from tests.manifests import KUBERNETES, MODEL_VOLUME, ROOT, container, cpus, memory_bytes, one, render, settings
 
@@ -149,7 +150,7 @@ def test_an_inference_is_answered_under_the_pods_constraints(running):
     photo = (ROOT / "web" / "samples" / "scene-0.jpg").read_bytes()
     answer = endpoint.request("POST", "/infer?format=json", photo, {"Content-Type": "image/jpeg"})
     assert answer.status == 200, answer.body[:300]
-    assert answer.json()["model"]["version"] == read_card(SHIPPED_MODEL)["version"]
+    assert answer.json()["model"]["name"] == read_card(card_path(SHIPPED_MODEL))["name"]
 
 
 def test_prestop_runs_then_sigterm_stops_everything_within_the_grace_period(docker, image, base_pod):
@@ -178,11 +179,11 @@ def test_the_model_volume_overlay_serves_the_model_on_the_volume(docker, image):
         model.parent.mkdir(parents=True)
         shutil.copyfile(SHIPPED_MODEL, model)
         # A version of its own, so the answer shows which model was loaded: the volume's, not the image's.
-        card = {**read_card(SHIPPED_MODEL), "version": "from-the-volume"}
+        card = {**read_card(card_path(SHIPPED_MODEL)), "release": "from-the-volume"}
         card_path(model).write_text(json.dumps(card))
         for path in [folder, *folder.rglob("*")]:
             path.chmod(0o755 if path.is_dir() else 0o644)
         _, endpoint = start(docker, image, pod, volumes={mount["name"]: folder})
-        assert endpoint.request("GET", "/v1/model").json()["version"] == "from-the-volume"
+        assert endpoint.request("GET", "/v1/model").json()["release"] == "from-the-volume"
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -103,7 +103,7 @@ def test_chain_reload_swaps_the_model_without_a_failed_request(stack_factory, jp
     current = models / "current"
     current.symlink_to(models / "v1", target_is_directory=True)
     stack = stack_factory(SEGAPP_MODEL=str(current / SHIPPED_MODEL.name))
-    assert stack.request("GET", "/v1/model").json()["version"] == "1.0.0"
+    assert stack.request("GET", "/v1/model").json()["release"] == "1.0.0"
     old_pids = set(stack.worker_pids())
     with RequestStream(stack, jpeg) as stream:
         stream.wait_for(10)
@@ -119,7 +119,7 @@ def test_chain_reload_swaps_the_model_without_a_failed_request(stack_factory, jp
             time.sleep(0.2)
         assert "chain reload" in stack.log()
         stream.wait_for(10)
-    versions = {stack.request("GET", "/v1/model").json()["version"] for _ in range(10)}
+    versions = {stack.request("GET", "/v1/model").json()["release"] for _ in range(10)}
     shutil.rmtree(models, ignore_errors=True)
     print(f"\nmodel swap: {len(stream.failures)} failed of {len(stream.outcomes)} requests")
     assert stream.failures == []
@@ -229,7 +229,7 @@ def _model_version(folder: Path, version: str) -> None:
     folder.mkdir(mode=0o755)
     shutil.copyfile(SHIPPED_MODEL, folder / SHIPPED_MODEL.name)
     card = json.loads(card_path(SHIPPED_MODEL).read_text())
-    card["version"] = version
+    card["release"] = version
     (folder / card_path(SHIPPED_MODEL).name).write_text(json.dumps(card))
 
 

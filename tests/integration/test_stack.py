@@ -23,7 +23,7 @@ from segapp.inference import SHIPPED_MODEL, card_path
 
 pytestmark = pytest.mark.integration
 
-SHIPPED_VERSION = json.loads(card_path(SHIPPED_MODEL).read_text())["version"]
+SHIPPED_RELEASE = json.loads(card_path(SHIPPED_MODEL).read_text())["release"]
 
 
 def test_jpeg_gets_png_mask_of_same_size(stack, jpeg):
@@ -43,7 +43,8 @@ def test_json_answer(stack, jpeg):
     body = answer.json()
     assert (body["width"], body["height"]) == (640, 480)
     assert Image.open(io.BytesIO(base64.b64decode(body["mask"]))).size == (640, 480)
-    assert body["model"]["version"] == SHIPPED_VERSION
+    assert body["model"] == {"name": "segapp-unet", "version": "1", "engine": "litert"}
+    assert answer.headers["X-Model"] == "segapp-unet/1"
 
 
 def test_overlay_answer(stack, jpeg):
@@ -56,7 +57,7 @@ def test_overlay_answer(stack, jpeg):
 def test_model_card_through_nginx(stack):
     answer = stack.request("GET", "/v1/model")
     assert answer.status == 200
-    assert answer.json()["version"] == SHIPPED_VERSION
+    assert (answer.json()["version"], answer.json()["release"]) == ("1", SHIPPED_RELEASE)
 
 
 def test_client_request_id_reaches_the_app_and_comes_back(stack, jpeg):

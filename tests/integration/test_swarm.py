@@ -76,9 +76,9 @@ class Swarm:
             time.sleep(0.5)
 
     def model_versions(self) -> list[str]:
-        """Each running replica's /v1/model version, asked inside the replica."""
+        """Each running replica's /v1/model release (the card's label), asked inside the replica."""
         ask = ("import json, urllib.request; "
-               "print(json.load(urllib.request.urlopen('http://127.0.0.1:8080/v1/model', timeout=5))['version'])")
+               "print(json.load(urllib.request.urlopen('http://127.0.0.1:8080/v1/model', timeout=5))['release'])")
         return [self.docker("exec", c, "/opt/segapp/venv/bin/python", "-c", ask).stdout.strip()
                 for c in self.containers()]
 
@@ -265,9 +265,9 @@ def test_a_paused_replica_delays_a_request_by_the_timeout_at_most(swarm, photos,
 
 def test_a_rolling_update_to_a_new_model_costs_no_request(swarm, photos, record_property):
     new_image = swarm.image.replace(":", ":rolled-")
-    # The same image with the model card's version changed: a new model version, as a release would ship it.
+    # The same image with the model card's release changed: a new model release, as a release would ship it.
     change_version = ("import json, segapp.inference as i; p = i.card_path(i.SHIPPED_MODEL); "
-                      "c = json.loads(p.read_text()); c['version'] = '2.0.0-test'; p.write_text(json.dumps(c))")
+                      "c = json.loads(p.read_text()); c['release'] = '2.0.0-test'; p.write_text(json.dumps(c))")
     user = swarm.docker.json("image", "inspect", swarm.image)[0]["Config"]["User"]  # the image's own, kept
     dockerfile = (f"FROM {swarm.image}\nUSER root\n"
                   f"RUN [\"/opt/segapp/venv/bin/python\", \"-c\", \"{change_version}\"]\nUSER {user}\n")
