@@ -11,7 +11,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # root installs Debian packages directly; anyone else through sudo.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-EXTRAS ?= tensorflow,serve,bench,test
+EXTRAS ?= tensorflow,onnx,serve,bench,test
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
