@@ -29,7 +29,8 @@ class LiteRTEngine:
         self._outputs = self._interpreter.get_output_details()
         self._batch = int(self._input["shape"][0])
         self.input = _spec(self._input)
-        self.outputs = [_spec(detail) for detail in self._outputs]
+        self.outputs = [_spec(detail, names.get(detail["index"])) for detail in self._outputs
+                        for names in [_signature_names(self._interpreter)]]
         # One interpreter is not safe to invoke from two threads at once.
         self._lock = threading.Lock()
 
@@ -51,12 +52,22 @@ class LiteRTEngine:
             return dequantize(self._interpreter.get_tensor(detail["index"]), detail)
 
 
-def _spec(detail: dict) -> TensorSpec:
+def _spec(detail: dict, name: str | None = None) -> TensorSpec:
     # shape_signature has -1 where the network leaves a dimension open; shape is what is allocated now.
     shape = detail.get("shape_signature", detail["shape"])
     dtype = np.dtype(detail["dtype"])
     quantized = np.issubdtype(dtype, np.integer) and detail["quantization"][0] != 0
-    return TensorSpec(detail["name"], tuple(dimension(int(d)) for d in shape), dtype.name, bool(quantized))
+    return TensorSpec(name or detail["name"], tuple(dimension(int(d)) for d in shape), dtype.name, bool(quantized))
+
+
+def _signature_names(interpreter) -> dict[int, str]:
+    """Output tensor index -> the name the network's serving signature gives it (a converted Keras or SavedModel
+    network's tensors are named PartitionedCall:0, :1...; its signature keeps the names the author gave)."""
+    signatures = interpreter.get_signature_list()
+    if len(signatures) != 1:
+        return {}
+    runner = interpreter.get_signature_runner(next(iter(signatures)))
+    return {detail["index"]: name for name, detail in runner.get_output_details().items()}
 
 
 def quantize(values: np.ndarray, tensor: dict) -> np.ndarray:

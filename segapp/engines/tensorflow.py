@@ -36,7 +36,9 @@ class TensorFlowEngine:
             model = keras.saving.load_model(str(path), compile=False)
             tensor = model.inputs[0]
             self.input = TensorSpec(tensor.name, _shape(tensor.shape), np.dtype(tensor.dtype).name)
-            self.outputs = [_spec(out.name, out) for out in model.outputs]
+            # Keras names the output tensors keras_tensor_<n>; output_names holds the names the author gave.
+            names = list(getattr(model, "output_names", None) or [out.name for out in model.outputs])
+            self.outputs = [_spec(name, out) for name, out in zip(names, model.outputs, strict=True)]
             call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
             self._call = lambda x: _as_list(call(x))
 
