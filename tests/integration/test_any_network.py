@@ -14,8 +14,17 @@ import pytest
 from PIL import Image
 
 from tests.integration.conftest import start_stack
-from tests.networks import IMAGENET, SYMMETRIC, UNIT, Network, colour_blocks, compared_pixels, edge_margin, \
-    expected_mask, write_model
+from tests.networks import (
+    IMAGENET,
+    SYMMETRIC,
+    UNIT,
+    Network,
+    colour_blocks,
+    compared_pixels,
+    edge_margin,
+    expected_mask,
+    write_model,
+)
 
 pytestmark = pytest.mark.integration
 
