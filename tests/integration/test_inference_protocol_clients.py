@@ -75,13 +75,27 @@ def test_triton_client_health_and_metadata(triton_client):
     assert triton_client.is_server_live()
     assert triton_client.is_server_ready()
     assert triton_client.is_model_ready(MODEL)
-    assert triton_client.is_model_ready(MODEL, "1.0.0")
+    assert triton_client.is_model_ready(MODEL, "1")
     assert not triton_client.is_model_ready("resnet50")
     assert "binary_tensor_data" in triton_client.get_server_metadata()["extensions"]
     metadata = triton_client.get_model_metadata(MODEL)
-    assert metadata == triton_client.get_model_metadata(MODEL, "1.0.0")
+    assert metadata == triton_client.get_model_metadata(MODEL, "1")
     assert metadata["inputs"] == [{"name": "image", "datatype": "UINT8", "shape": [-1, -1, 3]}]
     assert [(o["name"], o["datatype"]) for o in metadata["outputs"]] == [("mask", "UINT8"), ("class_fractions", "FP32")]
+
+
+def test_triton_client_repository_index_lists_every_model_and_each_answers(triton_client, scene_pixels):
+    index = {entry["name"]: entry for entry in triton_client.get_model_repository_index()}
+    # The shipped repository: the demonstration model and the person model `make models` fetched.
+    assert {name: (entry["version"], entry["state"]) for name, entry in index.items()} == {
+        MODEL: ("1", "READY"), "person": ("1", "READY")}
+    image = triton.InferInput("image", list(scene_pixels.shape), "UINT8")
+    image.set_data_from_numpy(scene_pixels)
+    for name, classes in ((MODEL, 3), ("person", 2)):
+        result = triton_client.infer(name, [image], outputs=[triton.InferRequestedOutput("class_fractions")])
+        assert result.get_response()["model_name"] == name
+        assert result.as_numpy("class_fractions").shape == (classes,)
+    assert triton_client.get_model_metadata("person", "1")["outputs"][1]["shape"] == [2]
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
