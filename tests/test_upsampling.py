@@ -1,5 +1,6 @@
 """The mask is exactly the argmax of the bilinearly upsampled logits, by the compiled module and by NumPy alike."""
 
+import json
 import math
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from hypothesis.extra.numpy import arrays
 from PIL import Image
 
 from segapp import upsampling
+from segapp.engines import TensorSpec
 from segapp.inference import SHIPPED_MODEL, Segmenter
 from segapp.training import scenes
 from segapp.upsampling import upsample_argmax
@@ -174,3 +176,62 @@ def test_without_the_compiled_module_numpy_upsamples_to_the_same_mask(tmp_path):
     assert compiled == "False" and "not built" in refusal
     logits = np.random.default_rng(0).normal(size=(32, 32, 3)).astype(np.float32)
     assert np.array_equal(np.load(tmp_path / "mask.npy"), upsample_argmax(logits, 90, 70, compiled=True))
+
+
+class FieldEngine:
+    """A network that answers a fixed smooth random field, whatever the image: `channels` per pixel on a
+    `height` x `width` grid, NHWC or NCHW, or class labels."""
+
+    name = "field"
+
+    def __init__(self, height: int, width: int, channels: int, layout: str = "NHWC", labels: int = 0):
+        rng = np.random.default_rng(height * 100 + width + channels)
+        coarse = rng.normal(0, 1, (height // 8 + 2, width // 8 + 2, channels)).astype(np.float32)
+        field = np.stack([np.asarray(Image.fromarray(coarse[..., k]).resize((width, height), Image.BILINEAR))
+                          for k in range(channels)], axis=-1)
+        if channels == 1:
+            field = 1 / (1 + np.exp(-3 * field))  # a sigmoid's probabilities
+        if labels:
+            field = (np.abs(field[..., :1]) * labels * 2).astype(np.int32) % labels
+        self.answer = field if layout == "NHWC" else field.transpose(2, 0, 1)
+        shape = (None, height, width, 3) if layout == "NHWC" else (None, 3, height, width)
+        out = self.answer.shape[:-1] if labels else self.answer.shape
+        self.input, self.outputs = TensorSpec("image", shape, "float32"), [TensorSpec("out", (None, *out), "float32")]
+
+    def predict(self, batch, output=0):
+        answer = self.answer[..., 0] if self.answer.dtype == np.int32 else self.answer
+        return np.repeat(answer[None], batch.shape[0], axis=0).astype(np.float32)
+
+
+@pytest.mark.parametrize("engine, card, size", [
+    (FieldEngine(48, 80, 4), {"input": {"resize": "letterbox"}}, (333, 500)),
+    (FieldEngine(48, 80, 4, layout="NCHW"), {"input": {"resize": "letterbox"}}, (500, 101)),
+    (FieldEngine(64, 40, 1), {"output": {"kind": "sigmoid", "threshold": 0.3}}, (257, 199)),
+    (FieldEngine(64, 40, 1), {"input": {"resize": "letterbox"}, "output": {"kind": "sigmoid"}}, (640, 480)),
+    (FieldEngine(32, 32, 1, labels=5), {"classes": list("abcde"), "output": {"kind": "labels"}}, (301, 97)),
+], ids=["letterbox", "letterbox-nchw", "sigmoid", "sigmoid-letterbox", "labels"])
+def test_mask_is_exact_for_every_kind_of_network(tmp_path, engine, card, size):
+    """The contract holds for any network: the argmax of the bilinearly upsampled scores, from the answer's part that
+    covers the image (letterbox), a sigmoid's probability against its threshold, labels as one score per class."""
+    (tmp_path / "model.json").write_text(json.dumps(card))
+    segmenter = Segmenter(tmp_path / "1" / "model.tflite", engine=engine, card_file=tmp_path / "model.json").load()
+    width, height = size
+    pixels = np.zeros((height, width, 3), np.uint8)
+    mask = segmenter.segment_pixels(pixels)
+    contract, answer = segmenter.contract, engine.answer  # H x W x 1 labels, or scores in the network's layout
+    answer = answer.transpose(1, 2, 0) if contract.layout == "NCHW" else answer
+    _, placement = segmenter.prepare(pixels)
+    if contract.resize == "letterbox":  # the network's input and answer have one size here
+        answer = answer[placement.top : placement.top + placement.height,
+                        placement.left : placement.left + placement.width]
+        assert placement.width == contract.width or placement.height == contract.height
+    if contract.kind == "sigmoid":
+        expected = (upsampled_planes(answer, width, height)[0] > np.float32(contract.threshold)).astype(np.uint8)
+    elif contract.kind == "labels":
+        one_hot = (answer == np.arange(len(contract.classes))).astype(np.float32)
+        expected = reference_upsample_argmax(one_hot, width, height)
+    else:
+        expected = reference_upsample_argmax(answer.astype(np.float32), width, height)
+    assert mask.shape == (height, width)
+    assert np.array_equal(mask, expected)
+    assert len(np.unique(mask)) > 1
