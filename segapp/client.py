@@ -1,9 +1,11 @@
 """segapp-client: send images to a segapp server and save its answers.
 
     segapp-client photo.jpg more/*.png holiday/ --url http://127.0.0.1:8080 --format overlay -o out/
+    segapp-client portraits/ --model person --format cutout
 
 Each image's raw bytes are POSTed to URL/infer, several at once (--concurrency); a folder stands for the images in it.
-The answer is written next to the input (or into OUT) as NAME.mask.png, NAME.mask.json or NAME.overlay.jpg. A 429 or
+The answer is written next to the input (or into OUT) as NAME.mask.png, NAME.mask.json, NAME.overlay.jpg or
+NAME.cutout.png, from the server's default model or the one --model names. A 429 or
 503 is asked again after the server's Retry-After, a lost connection or a 502 or 504 after a short back-off, up to
 --retries times. Every failed image gets one line on stderr with its reason, in the order of the inputs; with several
 images a summary line ends the run, and the exit status is 1 when any image failed. With a terminal, a progress bar
@@ -22,6 +24,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -30,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_URL = "http://127.0.0.1:8080"
-SUFFIXES = {"png": ".mask.png", "json": ".mask.json", "overlay": ".overlay.jpg"}
-ACCEPT = {"png": "image/png", "json": "application/json", "overlay": "image/jpeg"}
+SUFFIXES = {"png": ".mask.png", "json": ".mask.json", "overlay": ".overlay.jpg", "cutout": ".cutout.png"}
+ACCEPT = {"png": "image/png", "json": "application/json", "overlay": "image/jpeg", "cutout": "image/png"}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 # Statuses worth another try: rate limited (429), overloaded or draining (503), a worker lost or slow behind nginx
 # (502, 504). Inference has no side effects, so asking again is safe. A 500 is the app failing on this image: the
@@ -136,8 +139,9 @@ def expand_inputs(paths: list[Path]) -> list[Path]:
 
 
 def segment_file(source: Path, target: Path, url: str, fmt: str, timeout: float, retrying: Retrying = Retrying(),
-                 throttle: Throttle | None = None) -> Outcome:
-    """POST `source` to `url`/infer and write the answer to `target`, asking again as `retrying` allows."""
+                 throttle: Throttle | None = None, model: str | None = None) -> Outcome:
+    """POST `source` to `url`/infer (of `model`, default the server's) and write the answer to `target`, asking again
+    as `retrying` allows."""
     try:
         data = source.read_bytes()
     except OSError as error:
@@ -146,7 +150,7 @@ def segment_file(source: Path, target: Path, url: str, fmt: str, timeout: float,
     if not content_type or not content_type.startswith("image/"):
         content_type = "application/octet-stream"
     request = urllib.request.Request(
-        f"{url.rstrip('/')}/infer?format={fmt}",
+        f"{url.rstrip('/')}/infer?" + urllib.parse.urlencode({"format": fmt, **({"model": model} if model else {})}),
         data=data,
         method="POST",
         headers={"Content-Type": content_type, "Accept": ACCEPT[fmt], "User-Agent": "segapp-client"},
@@ -245,7 +249,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="image files, or folders: each folder's images (not its subfolders)")
     parser.add_argument("--url", default=DEFAULT_URL, help=f"the server (default {DEFAULT_URL})")
     parser.add_argument("--format", choices=tuple(SUFFIXES), default="png",
-                        help="png: the class mask; json: mask and class fractions; overlay: the image with the mask")
+                        help="png: the class mask; json: mask and class fractions; overlay: the image with the mask; "
+                             "cutout: the image with its background transparent (RGBA PNG)")
+    parser.add_argument("--model", help="the model to answer (GET /v1/models lists them; default: the server's)")
     parser.add_argument("-o", "--out", type=Path, help="write answers into this folder instead of beside the inputs")
     parser.add_argument("-c", "--concurrency", "-j", "--jobs", dest="concurrency", type=int, default=4,
                         help="requests in flight at once, at most (default 4); fewer while the server answers 429")
@@ -284,7 +290,7 @@ def main(argv: list[str] | None = None, sleep: Callable[[float], None] = time.sl
         jobs.append((source, target))
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
-        futures = [pool.submit(segment_file, s, t, args.url, args.format, args.timeout, retrying, throttle)
+        futures = [pool.submit(segment_file, s, t, args.url, args.format, args.timeout, retrying, throttle, args.model)
                    for s, t in jobs]
         for outcome in outcomes:
             progress.print(f"segapp-client: {outcome.source}: {outcome.error}")

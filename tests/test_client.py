@@ -144,6 +144,13 @@ def test_formats_into_an_output_folder(server_url, tmp_path, fmt, suffix):
     assert FakeSegapp.requests[0]["type"] == "image/png"
 
 
+def test_a_model_is_asked_for_by_name_and_its_cutout_saved(server_url, tmp_path):
+    photo = write(tmp_path, "portrait.jpg", b"jpeg bytes")
+    assert client.main([str(photo), "--url", server_url, "--model", "person", "--format", "cutout"]) == 0
+    assert (tmp_path / "portrait.cutout.png").read_bytes() == b"answer:/infer?format=cutout&model=person"
+    assert FakeSegapp.requests[0]["accept"] == "image/png"
+
+
 def test_failures_get_one_line_each_in_input_order_and_a_nonzero_exit(server_url, tmp_path, capsys):
     slow = write(tmp_path, "slow.jpg", b"SLOW but fine")
     big = write(tmp_path, "big.jpg", b"BIG image")
