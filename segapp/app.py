@@ -15,6 +15,7 @@ loads.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -181,11 +182,9 @@ class SegmentationApp:
         return response
 
     def _model_asked(self, request: Request) -> Segmenter:
-        """The segmenter of ?model= and ?version= (default: the default model, its highest served version)."""
-        try:
-            name, version = request.GET.get("model"), request.GET.get("version")
-        except UnicodeDecodeError:
-            raise api_error(HTTPBadRequest, "bad_query", "the query string is not valid UTF-8") from None
+        """The segmenter of ?model= and ?version= (default: the default model, its highest served version); the
+        query string was read as UTF-8 by `choose_format` before."""
+        name, version = request.GET.get("model"), request.GET.get("version")
         try:
             return self.repository.get(name, version)
         except UnknownModel as error:
@@ -288,9 +287,16 @@ class SegmentationApp:
         return _json_response({"name": name, "ready": True})
 
     def on_v2_index(self, request: Request) -> Response:
-        """The repository index (Triton's extension): every model version and its state."""
-        read_body(request.environ, self.settings.max_body_bytes)
-        return _json_response(self.repository.index())
+        """The repository index (Triton's extension): every model version and its state; with {"ready": true}, those
+        served only."""
+        body = read_body(request.environ, self.settings.max_body_bytes)
+        try:
+            asked = json.loads(body) if body.strip() else {}
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            asked = None
+        if not isinstance(asked, dict) or not isinstance(asked.get("ready", False), bool):
+            raise api_error(HTTPBadRequest, "bad_request", 'the index request is a JSON object, {"ready": true|false}')
+        return _json_response(self.repository.index(ready_only=asked.get("ready", False)))
 
     def on_v2_infer(self, request: Request, name: str, version: str | None) -> Response:
         """Open Inference Protocol inference: JSON or binary tensors in, the mask (and class fractions) out."""

@@ -124,7 +124,7 @@ def _check_keys(section: dict, known: set[str], where: str, prefix: str) -> None
     # card are the author's (architecture, training, license) and are shown as they are.
     unknown = sorted(key for key in section if key not in known)
     if unknown:
-        raise ContractError(f"{where}: unknown key {prefix}{unknown[0]!r} (known: {', '.join(sorted(known))})")
+        raise ContractError(f"{where}: unknown key '{prefix}{unknown[0]}' (known: {', '.join(sorted(known))})")
 
 
 def _section(card: dict, name: str, known: set[str], where: str) -> dict:

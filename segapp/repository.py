@@ -157,10 +157,18 @@ class ModelRepository:
         """Every model with its state, versions and card: GET /v1/models."""
         return {"default_model": self.default_model, "models": [m.describe() for m in self.models.values()]}
 
-    def index(self) -> list[dict]:
-        """The Open Inference Protocol's repository index (Triton's POST /v2/repository/index)."""
-        return [{"name": model.name, "version": version.version, "state": version.state.upper(),
-                 "reason": version.reason or ""} for model in self.models.values() for version in model.versions]
+    def index(self, ready_only: bool = False) -> list[dict]:
+        """The Open Inference Protocol's repository index (Triton's POST /v2/repository/index): each version READY or
+        UNAVAILABLE with its reason (a model with no version as one entry without a version), as Triton lists them."""
+        entries = []
+        for model in self.models.values():
+            for version in model.versions or [ModelVersion("", "unavailable", model.reason)]:
+                if ready_only and version.state != "ready":
+                    continue
+                entries.append({"name": model.name, **({"version": version.version} if version.version else {}),
+                                "state": "READY" if version.state == "ready" else "UNAVAILABLE",
+                                "reason": version.reason or ""})
+        return entries
 
 
 def _repository_default(folder: Path) -> str | None:
@@ -202,10 +210,11 @@ def _load_model(folder: Path, strict: bool, segmenter_options: dict) -> Model:
     # Newest first. Not strict (a reload), a "latest" model whose newest version fails falls back to the next.
     candidates = wanted if policy or strict else sorted(numbered, reverse=True)
     for number in sorted(numbered, reverse=True):
-        if number not in candidates:
-            model.versions.append(ModelVersion(str(number), "unavailable", "not served: an older version"
-                                               if policy is None else "not served: not in the card's 'versions'"))
-    for number in candidates:
+        older = policy is None and any(v.state == "ready" for v in model.versions)
+        if number not in candidates or older:
+            reason = "not served: an older version" if policy is None else "not served: not in the card's 'versions'"
+            model.versions.append(ModelVersion(str(number), "unavailable", reason))
+            continue
         version = ModelVersion(str(number), "ready")
         try:
             version.segmenter = _load_version(folder, numbered[number], segmenter_options)
@@ -214,15 +223,8 @@ def _load_model(folder: Path, strict: bool, segmenter_options: dict) -> Model:
                 raise
             log.error("refused %s: %s; the model serves the versions that loaded", numbered[number], error)
             version.state, version.reason = "failed", str(error)
-        _put(model, version)
-        if policy is None and version.state == "ready":
-            break
+        model.versions.append(version)
     return model
-
-
-def _put(model: Model, version: ModelVersion) -> None:
-    model.versions = [v for v in model.versions if v.version != version.version] + [version]
-    model.versions.sort(key=lambda v: -int(v.version))
 
 
 def _load_version(folder: Path, path: Path, options: dict) -> Segmenter:

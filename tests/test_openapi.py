@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -11,16 +12,18 @@ from pathlib import Path
 
 import pytest
 import schemathesis
+import yaml
 
+from segapp.app import SegmentationApp
 from segapp.config import Settings
 from segapp.openapi import load_description
-from segapp.wsgi import SegmentationApp
+from segapp.repository import ModelRepository
 
 ROOT = Path(__file__).resolve().parent.parent
 
 METHODS = ("get", "head", "post", "put", "patch", "delete", "options", "trace")
 # A value for each path parameter, to turn a described template into a path the app routes.
-SAMPLE_PARAMETERS = {"name": "segapp-unet", "version": "1.0.0"}
+SAMPLE_PARAMETERS = {"name": "segapp-unet", "version": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +63,12 @@ def test_an_invalid_description_is_refused_by_the_validator(description):
 
 
 def test_described_routes_and_methods_are_exactly_the_apps(description, fake_segmenter):
-    app = SegmentationApp(Settings(), fake_segmenter, metrics=None)
+    app = SegmentationApp(Settings(), ModelRepository.of(fake_segmenter), metrics=None)
     assert described_routes(description) == app_routes(app)
 
 
 def test_every_described_path_reaches_the_endpoint_the_app_routes_it_to(description, fake_segmenter):
-    app = SegmentationApp(Settings(), fake_segmenter, metrics=None)
+    app = SegmentationApp(Settings(), ModelRepository.of(fake_segmenter), metrics=None)
     for template, methods in described_routes(description).items():
         path = template.format(**SAMPLE_PARAMETERS)
         endpoint, _, allowed, parameters = app.route(path)
@@ -108,31 +111,57 @@ def test_openapi_json_answers_head_and_refuses_post(app_for, fake_segmenter):
     assert refused.headers["Allow"] == "GET, HEAD"
 
 
-
-def test_the_wheel_carries_the_description_and_serves_it_installed(tmp_path):
-    """The image installs segapp from its wheel (deploy/build-image): the description must be in it, and an installed
-    segapp, away from any checkout, must read it; on 723bb99 it sat in docs/ and the image answered 500."""
-    source = tmp_path / "source"
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """segapp's wheel, built from a copy of the source as the image builds it (deploy/build-image); the copy is gone
+    once it is built, so nothing of a checkout is left to read from."""
+    folder = tmp_path_factory.mktemp("wheel")
+    source = folder / "source"
     shutil.copytree(ROOT / "segapp", source / "segapp", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
     for name in ("setup.cfg", "setup.py", "pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-         "--wheel-dir", str(tmp_path / "wheels"), str(source)],
+         "--wheel-dir", str(folder / "wheels"), str(source)],
         capture_output=True, text=True, timeout=300,
     )
     assert built.returncode == 0, built.stderr[-3000:]
-    (wheel,) = (tmp_path / "wheels").glob("segapp-*.whl")
-    with zipfile.ZipFile(wheel) as archive:
-        assert "segapp/openapi.yaml" in archive.namelist()
-        archive.extractall(tmp_path / "installed")
-    shutil.rmtree(source)  # nothing of a checkout left to read from
+    shutil.rmtree(source)
+    (built_wheel,) = (folder / "wheels").glob("segapp-*.whl")
+    return built_wheel
+
+
+def served_from(installed: Path, cwd: Path) -> tuple[Path, dict]:
+    """(segapp.openapi's file, the description it serves) in a fresh interpreter importing segapp from `installed`."""
     served = subprocess.run(
         [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import json, segapp.openapi as o; "
-         "print(o.__file__); print(len(json.loads(o.description_json())['paths']))", str(tmp_path / "installed")],
-        capture_output=True, text=True, cwd=tmp_path, timeout=60,
+         "print(o.__file__); print(o.description_json().decode())", str(installed)],
+        capture_output=True, text=True, cwd=cwd, timeout=60,
     )
     assert served.returncode == 0, served.stderr[-3000:]
-    module, paths = served.stdout.split()
-    assert Path(module).is_relative_to(tmp_path / "installed")
-    assert int(paths) == len(load_description()["paths"])
+    module, description = served.stdout.splitlines()
+    return Path(module), json.loads(description)
+
+
+def packaged_description(wheel: Path) -> dict:
+    """The description the wheel installs: its resource segapp/openapi.yaml."""
+    with zipfile.ZipFile(wheel) as archive:
+        return yaml.safe_load(archive.read("segapp/openapi.yaml").decode("utf-8"))
+
+
+def test_the_wheel_carries_the_description_and_serves_it_installed(wheel, tmp_path):
+    """The image installs segapp from its wheel (deploy/build-image): the description must be in it, and an installed
+    segapp, away from any checkout, must serve it; on 723bb99 it sat in docs/ and the image answered 500."""
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(tmp_path / "installed")
+    module, served = served_from(tmp_path / "installed", tmp_path)
+    assert module.is_relative_to(tmp_path / "installed")
+    assert served == packaged_description(wheel) == load_description()
+
+
+def test_the_description_is_read_as_a_package_resource_even_from_a_zipped_install(wheel, tmp_path):
+    """Served from the installed package's resource (importlib.resources), not from a file path beside the module: a
+    package imported from a zip archive has no such path, and reading one there fails."""
+    module, served = served_from(wheel, tmp_path)
+    assert module.is_relative_to(wheel)
+    assert served == packaged_description(wheel)
