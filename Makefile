@@ -89,7 +89,7 @@ train: venv
 	$(BIN)/segapp-train --data synthetic --epochs 30 --out segapp/models
 
 eval: venv
-	$(BIN)/segapp-eval --model segapp/models/unet-int8.tflite --against segapp/models/unet.tflite --data synthetic --count 500
+	$(BIN)/segapp-eval --model segapp/models/segapp-unet/1/model.tflite --against segapp/models/unet.tflite --data synthetic --count 500
 
 # The load benchmark against the real stack; results in bench/results/, figures in docs/benchmarks.md.
 bench: venv nginx wrk

@@ -17,10 +17,6 @@ from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
 
 from segapp.jpeg import inspect_jpeg
 
-# Trimap classes with the Oxford-IIIT Pet meaning, and the colours a viewer sees them in.
-CLASS_NAMES = ("foreground", "background", "border")
-PALETTE = ((230, 25, 75), (0, 0, 0), (255, 225, 25))
-
 # EXIF orientations that rotate by 90 or 270 degrees, so width and height trade places.
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION_TAG = 0x0112

@@ -13,17 +13,18 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from segapp.imaging import BAND_ROWS, PALETTE, PNG_SIGNATURE
+from segapp.imaging import BAND_ROWS, PNG_SIGNATURE
 
 
-def palette_bytes(palette=PALETTE) -> bytes:
-    """A 768-byte PNG palette with the class colours first and black after."""
+def palette_bytes(palette) -> bytes:
+    """A 768-byte PNG palette with `palette`'s class colours (a model card's, one per class) first and black after."""
     flat = bytes(channel for colour in palette for channel in colour)
     return flat + bytes(768 - len(flat))
 
 
-def mask_to_png(mask: np.ndarray, palette=PALETTE, compress_level: int = 1) -> bytes:
-    """Encode a uint8 HxW class mask as a palette PNG: pixel value = class index, palette colours for viewing.
+def mask_to_png(mask: np.ndarray, palette, compress_level: int = 1) -> bytes:
+    """Encode a uint8 HxW class mask as a palette PNG: pixel value = class index, the model's `palette` (one
+    [red, green, blue] per class, as its card gives them) for viewing.
 
     Every value must be below len(palette). The PNG has as many bits per pixel as the palette needs (2 for up to
     four classes) and unfiltered rows deflated with zlib's run-length strategy: masks are long runs of few values,
@@ -53,7 +54,7 @@ def _png_chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(body, zlib.crc32(kind)))
 
 
-def overlay(image: Image.Image, mask: np.ndarray, palette=PALETTE, alpha: float = 0.5) -> Image.Image:
+def overlay(image: Image.Image, mask: np.ndarray, palette, alpha: float = 0.5) -> Image.Image:
     """`image` (RGB) with each pixel's class colour blended on it, in place; returns `image`.
 
     `mask` must match the image's size. Blends in row bands with Pillow's C code: a float copy of a 40-megapixel
@@ -71,7 +72,7 @@ def overlay(image: Image.Image, mask: np.ndarray, palette=PALETTE, alpha: float 
     return image
 
 
-def overlay_to_jpeg(image: Image.Image | np.ndarray, mask: np.ndarray, palette=PALETTE, quality: int = 85) -> bytes:
+def overlay_to_jpeg(image: Image.Image | np.ndarray, mask: np.ndarray, palette, quality: int = 85) -> bytes:
     """`overlay` encoded as a JPEG. An image given as an RGB array is copied first; a Pillow image is blended
     in place."""
     if isinstance(image, np.ndarray):

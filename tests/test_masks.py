@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segapp.imaging import PALETTE
 from segapp.masks import mask_to_png, overlay, overlay_to_jpeg
+
+# A three-class model's palette, as its card gives it.
+PALETTE = ((230, 25, 75), (0, 0, 0), (255, 225, 25))
 
 
 def gradient(width=60, height=40) -> np.ndarray:
@@ -17,7 +19,7 @@ def gradient(width=60, height=40) -> np.ndarray:
 
 def test_mask_png_keeps_class_indices_and_palette():
     mask = np.array([[0, 1, 2], [2, 1, 0]], dtype=np.uint8)
-    image = Image.open(io.BytesIO(mask_to_png(mask)))
+    image = Image.open(io.BytesIO(mask_to_png(mask, PALETTE)))
     assert image.mode == "P"
     assert np.array_equal(np.asarray(image), mask)
     assert image.getpalette()[:9] == [c for colour in PALETTE for c in colour]
@@ -39,7 +41,7 @@ def test_mask_png_has_the_bit_depth_its_classes_need_and_reads_back_exactly(clas
 def test_overlay_is_a_jpeg_of_the_image_size():
     pixels = gradient(50, 30)
     mask = np.zeros((30, 50), dtype=np.uint8)
-    image = Image.open(io.BytesIO(overlay_to_jpeg(pixels, mask)))
+    image = Image.open(io.BytesIO(overlay_to_jpeg(pixels, mask, PALETTE)))
     assert image.format == "JPEG" and image.size == (50, 30)
 
 
@@ -47,11 +49,11 @@ def test_overlay_blends_half_way_in_bands_of_a_tall_image():
     pixels = np.full((1000, 3, 3), 100, np.uint8)
     mask = np.zeros((1000, 3), np.uint8)
     mask[600:] = 2
-    blended = np.asarray(overlay(Image.fromarray(pixels), mask))
+    blended = np.asarray(overlay(Image.fromarray(pixels), mask, PALETTE))
     assert blended[0, 0].tolist() == [(100 + c) // 2 for c in PALETTE[0]]
     assert blended[999, 2].tolist() == [(100 + c) // 2 for c in PALETTE[2]]
 
 
 def test_overlay_refuses_a_mask_of_another_size():
     with pytest.raises(ValueError, match="mask"):
-        overlay(Image.new("RGB", (4, 4)), np.zeros((3, 4), np.uint8))
+        overlay(Image.new("RGB", (4, 4)), np.zeros((3, 4), np.uint8), PALETTE)

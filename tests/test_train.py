@@ -1,4 +1,5 @@
-"""segapp-train writes float and int8 models and their cards; segapp-eval prints its figures; bad data is refused."""
+"""segapp-train writes float and int8 models and their cards, which serving reads back; segapp-eval prints its
+figures; bad data is refused."""
 
 import json
 
@@ -6,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segapp.training import datasets, train
+from segapp.contract import card_json
+from segapp.training import datasets, scenes, train, unet
 
 pytest.importorskip("tensorflow", reason="the tensorflow extra is part of make test")
 
@@ -47,9 +49,13 @@ def test_training_writes_keras_tflite_and_card(trained):
     assert (trained / "unet.keras").stat().st_size > 1_000_000
     assert (trained / "unet.tflite").stat().st_size > 1_000_000
     card = json.loads((trained / "unet.json").read_text())
-    assert card["version"] == "0.0.1-test"
+    assert card["name"] == "segapp-unet" and card["release"] == "0.0.1-test" and "version" not in card
     assert card["classes"] == ["foreground", "background", "border"]
-    assert card["input_size"] == [128, 128]
+    assert card["palette"] == [[230, 25, 75], [0, 0, 0], [255, 225, 25]]
+    assert card["foreground"] == ["foreground", "border"]
+    # The input size is read from the network, never written twice.
+    assert card["input"] == {"resize": "stretch", "channels": "RGB", "mean": 0, "std": 255}
+    assert card["output"] == {"kind": "logits"} and "input_size" not in card
     assert card["training"]["train_images"] == 4 and card["training"]["epochs"] == 1
     assert set(card["quality"]["per_class_iou"]) == {"foreground", "background", "border"}
     assert card["quality"]["images"] == 2
@@ -57,7 +63,8 @@ def test_training_writes_keras_tflite_and_card(trained):
 
 
 def test_exported_tflite_matches_keras(trained):
-    from segapp.inference import LiteRTEngine, TensorFlowEngine
+    from segapp.engines.litert import LiteRTEngine
+    from segapp.engines.tensorflow import TensorFlowEngine
 
     batch = np.random.default_rng(0).random((2, 128, 128, 3)).astype(np.float32)
     litert = LiteRTEngine(trained / "unet.tflite").predict(batch)
@@ -67,22 +74,25 @@ def test_exported_tflite_matches_keras(trained):
 
 
 def test_training_writes_an_int8_model_with_its_own_card(trained):
-    from segapp.inference import LiteRTEngine
+    from segapp.engines.litert import LiteRTEngine
 
-    int8 = trained / "unet-int8.tflite"
+    # Version 1 of the model segapp-unet, the output folder being its repository.
+    int8 = trained / "segapp-unet" / "1" / "model.tflite"
+    assert not (trained / "unet-int8.tflite").exists()
     # int8 weights: about a quarter of the float file.
     assert int8.stat().st_size < (trained / "unet.tflite").stat().st_size / 2
     float_card = json.loads((trained / "unet.json").read_text())
-    int8_card = json.loads((trained / "unet-int8.json").read_text())
-    assert int8_card["version"] == "0.0.1-test" and int8_card["classes"] == float_card["classes"]
+    int8_card = json.loads((trained / "segapp-unet" / "model.json").read_text())
+    assert int8_card["release"] == "0.0.1-test" and int8_card["classes"] == float_card["classes"]
+    assert int8_card["input"] == float_card["input"] and int8_card["name"] == "segapp-unet"
     assert int8_card["quantization"]["representative_images"] == 4
-    assert int8_card["files"]["unet-int8.tflite"] == int8.stat().st_size
+    assert int8_card["files"]["segapp-unet/1/model.tflite"] == int8.stat().st_size
     for card in (float_card, int8_card):
         both = card["float_and_int8"]
-        assert set(both["models"]) == {"unet.tflite", "unet-int8.tflite"}
+        assert set(both["models"]) == {"unet.tflite", "segapp-unet/1/model.tflite"}
         assert all(quality["engine_ms_per_image"] > 0 for quality in both["models"].values())
         assert 0.0 <= both["agreement"]["pixels"] <= 1.0 and both["agreement"]["images"] == 2
-    assert int8_card["quality"] == int8_card["float_and_int8"]["models"]["unet-int8.tflite"]
+    assert int8_card["quality"] == int8_card["float_and_int8"]["models"]["segapp-unet/1/model.tflite"]
     assert float_card["quality"] == float_card["float_and_int8"]["models"]["unet.tflite"]
 
     engine = LiteRTEngine(int8)
@@ -103,10 +113,60 @@ def test_int8_only_quantizes_a_trained_model_without_training(trained, tmp_path)
         ["--int8-only", "--out", str(tmp_path), "--int8-scenes", "2", "--test-count", "1", "--verbose", "0"]
     )
     assert code == 0
-    card = json.loads((tmp_path / "unet-int8.json").read_text())
+    card = json.loads((tmp_path / "segapp-unet" / "model.json").read_text())
     assert card["training"] == json.loads((trained / "unet.json").read_text())["training"]
+    assert (tmp_path / "segapp-unet" / "1" / "model.tflite").stat().st_size > 100_000
     assert card["quantization"]["representative_images"] == 2 and card["quality"]["images"] == 1
     assert (tmp_path / "unet.keras").read_bytes() == (trained / "unet.keras").read_bytes()
+
+
+def test_int8_only_without_a_trained_model_is_a_clear_error(tmp_path, capsys):
+    assert train.main(["--int8-only", "--out", str(tmp_path), "--int8-scenes", "2", "--verbose", "0"]) == 2
+    assert "no trained unet.keras" in capsys.readouterr().err
+
+
+def test_cards_load_through_the_contract_with_the_networks_they_were_written_for(trained):
+    from segapp.contract import make_contract, read_card
+    from segapp.engines import open_engine
+
+    written_for = {
+        "unet.json": ("unet.tflite", "unet.keras"),
+        "segapp-unet/model.json": ("segapp-unet/1/model.tflite",),
+    }
+    for card_file, networks in written_for.items():
+        for network in networks:
+            contract = make_contract(read_card(trained / card_file), open_engine(trained / network), card_file)
+            assert contract.classes == scenes.CLASS_NAMES and contract.palette == scenes.PALETTE
+            assert (contract.width, contract.height, contract.layout) == (unet.INPUT_SIZE, unet.INPUT_SIZE, "NHWC")
+            assert contract.mean == (unet.MEAN,) * 3 and contract.std == (unet.STD,) * 3
+            assert contract.resize == "stretch" and contract.kind == "logits" and not contract.inferred
+            assert [contract.classes[index] for index in contract.foreground] == ["foreground", "border"]
+
+
+def test_the_output_folder_serves_as_a_repository_of_the_int8_model_and_the_float_model_alone(trained):
+    from segapp.inference import Segmenter
+    from segapp.repository import ModelRepository
+
+    repository = ModelRepository.load(trained)
+    assert repository.default_model == "segapp-unet"
+    segmenter = repository.get("segapp-unet", None)
+    assert segmenter.version == "1" and segmenter.engine.quantized
+    assert segmenter.card["release"] == "0.0.1-test" and segmenter.card["card"] == "file"
+    flat = Segmenter(trained / "unet.tflite").load()
+    assert flat.name == "segapp-unet" and flat.card["input"]["size"] == [unet.INPUT_SIZE, unet.INPUT_SIZE]
+    image, _ = scenes.scene(scenes.SPLIT_SEEDS["test"], 0, size=(90, 60))
+    assert segmenter.segment_pixels(image).shape == flat.segment_pixels(image).shape == (60, 90)
+
+
+def test_models_are_told_apart_by_their_path_from_the_folder_they_share(tmp_path):
+    names = train.model_names(tmp_path / "unet.tflite", tmp_path / "segapp-unet" / "1" / "model.tflite")
+    assert names == ["unet.tflite", "segapp-unet/1/model.tflite"]
+    assert train.model_names(tmp_path / "a" / "model.tflite", tmp_path / "b" / "model.tflite") == [
+        "a/model.tflite",
+        "b/model.tflite",
+    ]
+    with pytest.raises(ValueError, match="the same model twice"):
+        train.model_names(tmp_path / "unet.tflite", tmp_path / "." / "unet.tflite")
 
 
 def test_eval_prints_a_table_and_json(trained, capsys):
@@ -119,13 +179,16 @@ def test_eval_prints_a_table_and_json(trained, capsys):
 
 
 def test_eval_against_a_second_model_prints_both_and_their_agreement(trained, capsys):
-    arguments = ["--model", str(trained / "unet-int8.tflite"), "--against", str(trained / "unet.tflite")]
+    int8 = trained / "segapp-unet" / "1" / "model.tflite"
+    arguments = ["--model", str(int8), "--against", str(trained / "unet.tflite")]
     assert train.eval_main([*arguments, "--count", "2"]) == 0
     table = capsys.readouterr().out
-    assert "unet-int8.tflite (" in table and "unet.tflite (" in table and "masks agree on" in table
+    assert table.startswith("unet.tflite (") and "\nsegapp-unet/1/model.tflite (" in table
+    assert "masks agree on" in table
     assert train.eval_main([*arguments, "--count", "2", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result["models"]) == {"unet.tflite", "unet-int8.tflite"} and result["agreement"]["images"] == 2
+    assert set(result["models"]) == {"unet.tflite", "segapp-unet/1/model.tflite"}
+    assert result["agreement"]["images"] == 2
 
 
 def test_missing_dataset_folder_is_a_clear_error(tmp_path, capsys):
@@ -174,8 +237,7 @@ def tiny_model(tmp_path):
         model = keras.Model(inputs, keras.layers.Conv2D(len(classes), 1)(inputs))
         path = tmp_path / f"tiny{len(classes)}.keras"
         model.save(path)
-        card = {"name": "tiny", "version": "0", "classes": classes, "palette": [[9, 9, 9]] * len(classes),
-                "input_size": [128, 128]}
+        card = card_json(classes, [[9, 9, 9]] * len(classes), name="tiny", release="0")
         path.with_suffix(".json").write_text(json.dumps(card))
         return path
 

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from segapp.inference import FLOAT_MODEL
-from segapp.training import unet
+from segapp.inference import FLOAT_MODEL, SHIPPED_MODEL, card_path
+from segapp.training import scenes, unet
 
 keras = pytest.importorskip("keras", reason="the tensorflow extra is part of make test")
 
@@ -41,3 +41,16 @@ def test_shipped_model_parameter_count_matches_its_card():
     assert model.count_params() == card["parameters"]
     assert tuple(model.input_shape[1:]) == (128, 128, 3)
     assert model.output_shape[-1] == len(card["classes"]) == len(card["palette"])
+
+
+def test_normalise_gives_the_network_pixels_in_zero_to_one():
+    normalised = unet.normalise(np.array([0, 51, 255], np.uint8))
+    assert normalised.dtype == np.float32 and normalised.tolist() == pytest.approx([0.0, 0.2, 1.0])
+
+
+def test_shipped_cards_state_the_normalisation_and_classes_training_uses():
+    for card_file in (card_path(FLOAT_MODEL), card_path(SHIPPED_MODEL)):
+        card = json.loads(card_file.read_text())
+        assert (card["input"]["mean"], card["input"]["std"]) == (unet.MEAN, unet.STD)
+        assert card["classes"] == list(scenes.CLASS_NAMES) and len(card["classes"]) == unet.NUM_CLASSES
+        assert card["palette"] == [list(colour) for colour in scenes.PALETTE]

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segapp.imaging import CLASS_NAMES, ImageError, decode_image, resize_pixels
-from segapp.training import scenes
+from segapp.imaging import ImageError, decode_image, resize_pixels
+from segapp.training import scenes, unet
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 _MAX_PIXELS = 100_000_000
@@ -37,7 +37,7 @@ class Sample:
     mask_path: Path | None = None
     mask_offset: int = 0  # subtracted from stored mask values (Oxford's trimaps are 1/2/3)
 
-    def load(self, num_classes: int = len(CLASS_NAMES)) -> tuple[np.ndarray, np.ndarray]:
+    def load(self, num_classes: int = len(scenes.CLASS_NAMES)) -> tuple[np.ndarray, np.ndarray]:
         """(RGB uint8 HxWx3, class mask uint8 HxW); a mask value that is not a class 0..num_classes-1 is an error."""
         pixels = decode_image(self.image_path.read_bytes(), _MAX_PIXELS).pixels
         with Image.open(self.mask_path) as mask_image:
@@ -225,7 +225,8 @@ def pipeline(
     seed: int = 0,
     border_weight: float | None = None,
 ):
-    """The tf.data stream for training or validation: [0, 1] float images, flips when training, batched.
+    """The tf.data stream for training or validation: float images normalised as the card says (`unet.MEAN`,
+    `unet.STD`), flips when training, batched.
 
     With `border_weight`, each element also carries per-pixel loss weights derived from its (flipped) mask:
     border pixels count `border_weight` times, the others once.
@@ -237,7 +238,7 @@ def pipeline(
         dataset = dataset.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
 
     def prepare(image, mask):
-        image = tf.cast(image, tf.float32) / 255.0
+        image = (tf.cast(image, tf.float32) - unet.MEAN) / unet.STD
         mask = mask[..., None]
         if training:
             flip = tf.random.uniform(()) < 0.5

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from segapp.imaging import CLASS_NAMES
+from segapp.training.scenes import CLASS_NAMES
 
 
 def confusion(label: np.ndarray, prediction: np.ndarray, num_classes: int = len(CLASS_NAMES)) -> np.ndarray:

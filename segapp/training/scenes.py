@@ -16,6 +16,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 FOREGROUND, BACKGROUND, BORDER = 0, 1, 2
+# The classes by index, with the Oxford-IIIT Pet trimap meaning, and the colours a viewer sees them in: what
+# segapp-train writes into the demonstration model's card, whence serving reads them.
+CLASS_NAMES = ("foreground", "background", "border")
+PALETTE = ((230, 25, 75), (0, 0, 0), (255, 225, 25))
 
 # Seeds of the three splits: index i of split s is generated from default_rng([s, i]), so the splits never
 # share a scene and any one scene can be regenerated alone.

@@ -2,15 +2,18 @@
 
     segapp-train --data synthetic --epochs 30 --out segapp/models
     segapp-train --data ~/datasets/oxford-iiit-pet --epochs 40 --width half --out models/pets
-    segapp-eval --model segapp/models/unet-int8.tflite --against segapp/models/unet.tflite --data synthetic
+    segapp-eval --model segapp/models/segapp-unet/1/model.tflite --against segapp/models/unet.tflite --data synthetic
 
     segapp-train --int8-only --out segapp/models
 
 segapp-train writes DIR/unet.keras (no optimizer state), DIR/unet.tflite (LiteRT) and DIR/unet.json (the card,
-with the quality measured in inference mode on the held-out test split, through the same Segmenter the server uses),
-and beside them DIR/unet-int8.tflite, the same network quantized to int8 after training, with its own card
-DIR/unet-int8.json; both cards record both models' quality, engine time and how often their masks agree.
-`--int8-only` quantizes an already trained DIR/unet.keras without training.
+with the quality measured in inference mode on the held-out test split, through the same Segmenter the server uses):
+the float model, served with SEGAPP_MODEL=DIR/unet.tflite. The same network quantized to int8 after training is
+version 1 of the model segapp-unet in DIR as a model repository (SEGAPP_MODEL_REPOSITORY=DIR):
+DIR/segapp-unet/1/model.tflite, with its card DIR/segapp-unet/model.json. Both cards are written with
+`segapp.contract.card_json`, the contract serving reads (classes, palette, normalisation, output kind), and record
+both models' quality, engine time and how often their masks agree. `--int8-only` quantizes an already trained
+DIR/unet.keras without training.
 Train, val and test never share an image (`datasets.folder_samples`); segapp-eval scores the same test split, by
 the classes the model's card names.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -26,13 +30,19 @@ from pathlib import Path
 
 import numpy as np
 
-from segapp.imaging import CLASS_NAMES, PALETTE, resize_pixels
-from segapp.inference import Segmenter, card_path, read_card
-from segapp.training import datasets, evaluation, unet
+from segapp.contract import card_json, read_card
+from segapp.inference import Segmenter, card_path
+from segapp.training import datasets, evaluation, scenes, unet
 
 MODEL_NAME = "segapp-unet"
+# Paths in the output folder, as the cards' "files" and "float_and_int8" name them: the float model flat (served
+# with SEGAPP_MODEL=FILE), the int8 one as version 1 of MODEL_NAME in the folder as a repository (its card is
+# MODEL_NAME/model.json).
+KERAS_FILE = "unet.keras"
 FLOAT_FILE = "unet.tflite"
-INT8_FILE = "unet-int8.tflite"
+INT8_FILE = f"{MODEL_NAME}/1/model.tflite"
+# The classes a cutout keeps: the object, and the border band that straddles its edge.
+FOREGROUND_CLASSES = [scenes.CLASS_NAMES[scenes.FOREGROUND], scenes.CLASS_NAMES[scenes.BORDER]]
 # Timed engine calls per model: the first test scenes at the input size, each run `rounds` times.
 TIMED_SCENES = 50
 
@@ -112,19 +122,24 @@ def train(args) -> dict:
     epochs_run = len(history.history["loss"])
     best_val = float(max(history.history["val_miou"]))
     export(model, out)
+    description = "U-Net (MobileNetV2 encoder) for trimap segmentation; " + (
+        "a demonstration model trained on synthetic scenes" if args.data == "synthetic" else f"trained on {args.data}"
+    )
     card = {
-        "name": MODEL_NAME,
-        "version": args.model_version,
-        "description": "U-Net (MobileNetV2 encoder) for trimap segmentation; "
-        + (
-            "a demonstration model trained on synthetic scenes"
-            if args.data == "synthetic"
-            else f"trained on {args.data}"
+        # The contract serving reads; the input size is the network's own, read from it.
+        **card_json(
+            scenes.CLASS_NAMES,
+            scenes.PALETTE,
+            mean=unet.MEAN,
+            std=unet.STD,
+            resize="stretch",  # datasets.resize_pair stretches every image to the square input
+            channels="RGB",
+            kind="logits",
+            name=MODEL_NAME,
+            release=args.model_version,
+            description=description,
         ),
-        "classes": list(CLASS_NAMES),
-        "palette": [list(c) for c in PALETTE],
-        "input_size": [size, size],
-        "normalisation": "RGB / 255, in [0, 1]; resized with area-aware bilinear filtering",
+        "foreground": FOREGROUND_CLASSES,
         "architecture": {
             "encoder": "MobileNetV2",
             "alpha": alpha,
@@ -144,35 +159,44 @@ def train(args) -> dict:
             "border_loss_weight": args.border_weight,
             "seed": args.seed,
             "seconds": round(seconds, 1),
-            "best_val_miou_128px": round(best_val, 4),
+            f"best_val_miou_{size}px": round(best_val, 4),
         },
-        "files": {name: (out / name).stat().st_size for name in ("unet.keras", FLOAT_FILE)},
+        "files": {name: (out / name).stat().st_size for name in (KERAS_FILE, FLOAT_FILE)},
         "width_trade_off": unet.width_trade_off(),
     }
     _write_card(out / FLOAT_FILE, card)
     if args.int8_scenes:
         add_int8(out, args)
-        card = read_card(out / FLOAT_FILE)
+        card = read_card(card_path(out / FLOAT_FILE))
     elif args.test_count:
         print(f"evaluating on {args.test_count} held-out test images at their own resolution", flush=True)
         card["quality"] = measure(out / FLOAT_FILE, args.data, args.test_count)
         _write_card(out / FLOAT_FILE, card)
         print(evaluation.format_table(card["quality"]))
-    written = "unet.keras, unet.tflite, unet.json" + (", unet-int8.tflite, unet-int8.json" if args.int8_scenes else "")
+    written = f"{KERAS_FILE}, {FLOAT_FILE}, {card_path(FLOAT_FILE)}" + (
+        f", {INT8_FILE}, {card_path(INT8_FILE).as_posix()}" if args.int8_scenes else ""
+    )
     print(f"wrote {written} to {out} after {seconds:.0f} s of training", flush=True)
     return card
 
 
 def add_int8(out: Path, args) -> dict:
-    """Quantize DIR/unet.keras to DIR/unet-int8.tflite with `args.int8_scenes` training images as the
-    representative set, write its card, and record both models' quality, engine time and agreement on
-    `args.test_count` test images in both cards; returns the int8 card."""
-    float_card = read_card(out / FLOAT_FILE)
+    """Quantize DIR/unet.keras to DIR/segapp-unet/1/model.tflite with `args.int8_scenes` training images as the
+    representative set, write its card DIR/segapp-unet/model.json, and record both models' quality, engine time
+    and agreement on `args.test_count` test images in both cards; returns the int8 card."""
+    float_card = read_card(card_path(out / FLOAT_FILE))
+    if float_card is None or not (out / KERAS_FILE).exists():
+        raise FileNotFoundError(
+            f"{out} holds no trained {KERAS_FILE} with its card {card_path(FLOAT_FILE)}: "
+            f"train first (segapp-train --out {out})"
+        )
     print(f"quantizing to int8 with {args.int8_scenes} training images as the representative set", flush=True)
     calibration, _ = load_split(args.data, "train", args.int8_scenes, unet.INPUT_SIZE)
-    export_int8(out / "unet.keras", out / INT8_FILE, calibration)
+    (out / INT8_FILE).parent.mkdir(parents=True, exist_ok=True)
+    export_int8(out / KERAS_FILE, out / INT8_FILE, calibration)
     int8_card = {
-        **float_card,
+        # The float model's card less what was measured of the float model; the int8 model's is measured below.
+        **{key: value for key, value in float_card.items() if key not in ("quality", "float_and_int8")},
         "description": float_card.get("description", "") + "; quantized to int8 after training",
         "quantization": {
             "method": "full-integer post-training quantization (TFLiteConverter), int8 weights and activations",
@@ -188,7 +212,8 @@ def add_int8(out: Path, args) -> dict:
     if args.test_count:
         print(f"evaluating both models on {args.test_count} held-out test images at their own resolution", flush=True)
         comparison = compare(out / FLOAT_FILE, out / INT8_FILE, args.data, args.test_count)
-        for card, name in ((float_card, FLOAT_FILE), (int8_card, INT8_FILE)):
+        float_name, int8_name = comparison["models"]  # FLOAT_FILE and INT8_FILE, from the folder they share
+        for card, name in ((float_card, float_name), (int8_card, int8_name)):
             card["quality"] = comparison["models"][name]
             card["float_and_int8"] = comparison
         for name, quality in comparison["models"].items():
@@ -211,8 +236,8 @@ def export(model, out: Path) -> None:
         # Keras saves the optimizer's slots with a compiled model (5 MB of 8 for the slim width); a model
         # loaded with compile=False has none.
         model.save(Path(scratch) / "trained.keras")
-        keras.saving.load_model(Path(scratch) / "trained.keras", compile=False).save(out / "unet.keras")
-    export_tflite(out / "unet.keras", out / "unet.tflite")
+        keras.saving.load_model(Path(scratch) / "trained.keras", compile=False).save(out / KERAS_FILE)
+    export_tflite(out / KERAS_FILE, out / FLOAT_FILE)
 
 
 def export_tflite(keras_path: Path, tflite_path: Path) -> None:
@@ -232,13 +257,14 @@ def export_tflite(keras_path: Path, tflite_path: Path) -> None:
 
 def export_int8(keras_path: Path, tflite_path: Path, representative: np.ndarray) -> None:
     """Convert a .keras model to a full-integer .tflite (int8 weights, activations, input and output) for
-    XNNPACK's int8 kernels, calibrated on `representative` images (N x size x size x 3 uint8)."""
+    XNNPACK's int8 kernels, calibrated on `representative` images (N x size x size x 3 uint8), normalised as
+    the network is trained (`unet.normalise`)."""
     import keras
     import tensorflow as tf
 
     def samples():
         for image in representative:
-            yield [image[None].astype(np.float32) * np.float32(1 / 255)]
+            yield [unet.normalise(image[None])]
 
     model = keras.saving.load_model(str(keras_path), compile=False)
     with tempfile.TemporaryDirectory() as scratch:
@@ -247,7 +273,7 @@ def export_int8(keras_path: Path, tflite_path: Path, representative: np.ndarray)
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = samples
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        # Integer input and output: LiteRTEngine quantizes the [0, 1] pixels and dequantizes the logits with the
+        # Integer input and output: LiteRTEngine quantizes the normalised pixels and dequantizes the logits with the
         # parameters the interpreter reports, so no float op is left in the graph.
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8
@@ -264,11 +290,10 @@ def measure(model_path: Path, data: str, count: int) -> dict:
 
 def compare(float_path: Path, int8_path: Path, data: str, count: int) -> dict:
     """Both models' quality and engine time (1 thread, median ms of one image) on the test split, and the
-    fraction of pixels where their masks agree; keyed by file name."""
-    if float_path.name == int8_path.name:
-        raise ValueError(f"{float_path} and {int8_path}: the models are told apart by file name; rename one")
-    models = {path.name: Segmenter(path).load() for path in (float_path, int8_path)}
-    classes = models[float_path.name].card["classes"]
+    fraction of pixels where their masks agree; keyed by `model_names` (both may be model.tflite)."""
+    float_name, int8_name = model_names(float_path, int8_path)
+    models = {float_name: Segmenter(float_path).load(), int8_name: Segmenter(int8_path).load()}
+    classes = models[float_name].card["classes"]
     totals = {name: np.zeros((len(classes), len(classes)), np.int64) for name in models}
     same = pixels = images = 0
     lowest = 1.0
@@ -277,12 +302,12 @@ def compare(float_path: Path, int8_path: Path, data: str, count: int) -> dict:
         masks = {name: segmenter.segment_pixels(image) for name, segmenter in models.items()}
         for name, mask in masks.items():
             totals[name] += evaluation.confusion(label, mask, len(classes))
-        agreeing = int(np.count_nonzero(masks[float_path.name] == masks[int8_path.name]))
+        agreeing = int(np.count_nonzero(masks[float_name] == masks[int8_name]))
         same, pixels, images = same + agreeing, pixels + label.size, images + 1
         lowest = min(lowest, agreeing / label.size)
         if len(scenes_at_input) < TIMED_SCENES:
-            size = models[float_path.name].input_size
-            scenes_at_input.append(resize_pixels(image, size, size)[None].astype(np.float32) * np.float32(1 / 255))
+            # Fed as serving feeds it: the input size, resize and normalisation of the float model's contract.
+            scenes_at_input.append(models[float_name].prepare(image)[0])
     times = evaluation.engine_milliseconds({name: s.engine.predict for name, s in models.items()}, scenes_at_input)
     quality = {
         name: {
@@ -297,9 +322,19 @@ def compare(float_path: Path, int8_path: Path, data: str, count: int) -> dict:
     return {
         "models": quality,
         "agreement": {"pixels": same / max(pixels, 1), "lowest_image": lowest, "images": images},
-        "int8_engine_time_ratio": round(times[int8_path.name] / times[float_path.name], 3),
+        "int8_engine_time_ratio": round(times[int8_name] / times[float_name], 3),
         "timing": f"engine alone, 1 thread, median of {len(scenes_at_input) * 3} calls (test scenes at input size)",
     }
+
+
+def model_names(*paths: Path) -> list[str]:
+    """Names that tell models apart: each path from the folder they share (unet.tflite and
+    segapp-unet/1/model.tflite for segapp-train's two). The same model twice is a ValueError."""
+    resolved = [Path(path).resolve() for path in paths]
+    if len(set(resolved)) < len(resolved):
+        raise ValueError(f"{' and '.join(str(path) for path in paths)}: the same model twice")
+    shared = Path(os.path.commonpath(resolved))
+    return [path.relative_to(shared).as_posix() for path in resolved]
 
 
 def _parser_common(parser: argparse.ArgumentParser) -> None:
@@ -314,7 +349,8 @@ def _parser_common(parser: argparse.ArgumentParser) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="segapp-train",
-        description="Train the U-Net and write unet.keras, unet.tflite, unet-int8.tflite and their cards.",
+        description="Train the U-Net and write unet.keras, unet.tflite and unet.json (float), and "
+        "segapp-unet/1/model.tflite and segapp-unet/model.json (int8).",
     )
     _parser_common(parser)
     parser.add_argument("--out", default="segapp/models", help="output folder (default: segapp/models)")
@@ -331,17 +367,18 @@ def main(argv=None) -> int:
     parser.add_argument("--test-count", type=int, default=500, help="test images for the card's quality (0: skip)")
     parser.add_argument("--patience", type=int, default=6, help="epochs without a better val mIoU before stopping")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model-version", default="1.0.0")
+    parser.add_argument("--model-version", default="1.0.0", help='the cards\' "release" (default: 1.0.0)')
     parser.add_argument(
         "--int8-scenes",
         type=int,
         default=300,
-        help="training images to calibrate unet-int8.tflite with (0: no int8 model)",
+        help="training images to calibrate the int8 model with (0: no int8 model)",
     )
     parser.add_argument(
         "--int8-only",
         action="store_true",
-        help="no training: quantize OUT/unet.keras to OUT/unet-int8.tflite and measure both models into both cards",
+        help="no training: quantize OUT/unet.keras to OUT/segapp-unet/1/model.tflite and measure both models into "
+        "both cards",
     )
     parser.add_argument(
         "--verbose", type=int, default=1, help="Keras fit verbosity: 1 progress bar, 2 a line per epoch"
@@ -354,7 +391,7 @@ def main(argv=None) -> int:
             add_int8(Path(args.out), args)
         else:
             train(args)
-    except datasets.DatasetError as exc:
+    except (datasets.DatasetError, FileNotFoundError) as exc:
         print(f"segapp-train: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -370,7 +407,8 @@ def eval_main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument(
         "--against",
-        help="a second model (the float one for an int8 --model): both models' quality and engine time, and how "
+        help="a second model (the float one for an int8 --model, segapp/models/unet.tflite for "
+        "segapp/models/segapp-unet/1/model.tflite): both models' quality and engine time, and how "
         "often their masks agree",
     )
     args = parser.parse_args(argv)

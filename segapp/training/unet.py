@@ -1,12 +1,20 @@
 """The U-Net: a MobileNetV2 encoder and a transposed-convolution decoder, as in the TensorFlow segmentation tutorial.
 
-Input 128x128x3 in [0, 1]; output 128x128 x 3 class logits (0 foreground, 1 background, 2 border).
+Input INPUT_SIZE x INPUT_SIZE RGB pixels normalised by MEAN and STD (to [0, 1]); output a logit per class of the
+demonstration data (scenes.CLASS_NAMES) at the input size.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
+from segapp.training import scenes
+
 INPUT_SIZE = 128
-NUM_CLASSES = 3
+NUM_CLASSES = len(scenes.CLASS_NAMES)
+# The input's normalisation, (pixel - MEAN) / STD on 0-255 values: [0, 1]. The one place training, the int8
+# calibration and the card's input.mean and input.std (segapp.contract, which serving reads) take it from.
+MEAN, STD = 0, 255
 
 # MobileNetV2 activations used as skips, at 64, 32, 16 and 8 px for a 128-px input, and the 4-px bottleneck.
 SKIP_LAYERS = ("block_1_expand_relu", "block_3_expand_relu", "block_6_expand_relu", "block_13_expand_relu")
@@ -21,6 +29,11 @@ WIDTHS = {
 # Their cost, measured with LiteRT, one thread on one core of the 2-core project machine (issue 2):
 # (parameters, .tflite megabytes, milliseconds per image).
 MEASURED_COST = {"full": (6.5e6, 24.6, 37), "half": (1.67e6, 6.3, 9.8), "slim": (0.63e6, 2.4, 3.7)}
+
+
+def normalise(pixels: np.ndarray) -> np.ndarray:
+    """uint8 RGB pixels (any shape ending in 3) as the network takes them: float32 (pixel - MEAN) / STD."""
+    return (pixels.astype(np.float32) - np.float32(MEAN)) * np.float32(1 / STD)
 
 
 def width_trade_off() -> list[dict]:
