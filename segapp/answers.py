@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import json
 
+from webob import Response
+
 from segapp.inference import Segmentation, Segmenter
 from segapp.masks import cutout_png, mask_to_png, overlay_to_jpeg
 
@@ -44,3 +46,8 @@ def model_summary(card: dict) -> dict:
 
 def json_bytes(value) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
+
+
+def json_response(value) -> Response:
+    """`value` as a compact JSON answer."""
+    return Response(body=json_bytes(value), content_type="application/json", charset=None)

@@ -15,7 +15,6 @@ loads.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -27,21 +26,18 @@ from webob.exc import (
     HTTPInternalServerError,
     HTTPMethodNotAllowed,
     HTTPNotFound,
-    HTTPRequestEntityTooLarge,
     HTTPServiceUnavailable,
 )
 
-from segapp.answers import MAX_CUTOUT_PIXELS, encode, json_bytes, model_summary
+from segapp.answers import json_response, model_summary
 from segapp.config import Settings
-from segapp.errors import api_error, image_error, render_error, request_id_for
-from segapp.imaging import ImageError, image_size
-from segapp.inference import Segmenter
-from segapp.inference_protocol import HEADER_LENGTH, InferenceProtocol, protocol_error_body, server_metadata
+from segapp.errors import api_error, render_error, request_id_for
+from segapp.inference_protocol import protocol_error_body
 from segapp.metrics import Metrics
-from segapp.negotiation import MEDIA_TYPES, choose_format
 from segapp.openapi import description_json
-from segapp.repository import ModelRepository, UnknownModel
-from segapp.uploads import check_media_type, discard_body, read_body, read_image
+from segapp.repository import ModelRepository
+from segapp.resources import ModelResource, ProtocolResource, require_ready
+from segapp.uploads import discard_body
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("segapp.access")
@@ -66,7 +62,11 @@ class SegmentationApp:
         self.repository = repository
         self.metrics = metrics
         self.clock = clock
-        self.protocol = InferenceProtocol(repository, settings.max_pixels, clock)
+        resources = (self, ModelResource(settings, repository, metrics, clock),
+                     ProtocolResource(settings, repository, metrics, self.on_readyz, clock))
+        # endpoint -> its resource's on_<endpoint> handler
+        self.handlers = {name[3:]: getattr(resource, name) for resource in resources for name in dir(resource)
+                         if name.startswith("on_")}
         # path -> (endpoint, methods allowed)
         self.routes = {
             settings.route: ("infer", ("POST",)),
@@ -156,58 +156,16 @@ class SegmentationApp:
                 HTTPMethodNotAllowed, "method_not_allowed",
                 f"{request.method} is not allowed on {path}; use {', '.join(allowed)}", allow=allowed,
             )
-        return getattr(self, f"on_{endpoint}")(request, **parameters)
-
-    def on_infer(self, request: Request) -> Response:
-        """Segment the POSTed image with the model asked for; answer a PNG mask, JSON, a JPEG overlay or a cutout."""
-        self._require_ready()
-        check_media_type(request)
-        answer = choose_format(request, self.settings.default_format)
-        segmenter = self._model_asked(request)
-        data = read_image(request, self.settings.max_body_bytes)
-        try:
-            if answer == "cutout":
-                self._check_cutout(data, segmenter)
-            result = segmenter.segment(data, full_pixels=answer in ("overlay", "cutout"))
-        except ImageError as error:
-            raise image_error(error) from None
-        encode_started = self.clock()
-        body = encode(answer, result, segmenter)
-        timings = {**result.timings, "encode": self.clock() - encode_started}
-        self.metrics.observe_inference(timings, int(result.mask.size), segmenter.name, segmenter.version)
-        response = Response(body=body, content_type=MEDIA_TYPES[answer], charset=None)
-        response.vary = ("Accept",)
-        response.headers["X-Model"] = f"{segmenter.name}/{segmenter.version}"
-        response.headers["Server-Timing"] = ", ".join(f"{name};dur={sec * 1000:.2f}" for name, sec in timings.items())
-        return response
-
-    def _model_asked(self, request: Request) -> Segmenter:
-        """The segmenter of ?model= and ?version= (default: the default model, its highest served version); the
-        query string was read as UTF-8 by `choose_format` before."""
-        name, version = request.GET.get("model"), request.GET.get("version")
-        try:
-            return self.repository.get(name, version)
-        except UnknownModel as error:
-            raise api_error(HTTPNotFound, error.code, str(error)) from None
-
-    def _check_cutout(self, data: bytes, segmenter: Segmenter) -> None:
-        """413 from the image's header, before it is decoded, when its cutout would be over MAX_CUTOUT_PIXELS."""
-        width, height = image_size(data, self.settings.max_pixels, segmenter.decode_cpu_seconds)
-        if width * height > MAX_CUTOUT_PIXELS:
-            raise api_error(
-                HTTPRequestEntityTooLarge, "answer_too_large",
-                f"a cutout of {width}x{height} pixels would be over the limit of {MAX_CUTOUT_PIXELS} pixels (a PNG "
-                "of the photograph's own detail); ask for the mask (format=png) and apply it yourself",
-            )
+        return self.handlers[endpoint](request, **parameters)
 
     def on_healthz(self, request: Request) -> Response:
         """Liveness: 200 whenever the process can answer."""
-        return _json_response({"status": "ok"})
+        return json_response({"status": "ok"})
 
     def on_readyz(self, request: Request) -> Response:
         """Readiness: 200 once the model is loaded and warm; 503 before, while the instance drains, and while its run
         folder is full."""
-        self._require_ready()
+        require_ready(self.repository)
         drain_file = self.settings.drain_file
         if drain_file is not None and drain_file.exists():
             raise api_error(
@@ -221,33 +179,7 @@ class SegmentationApp:
                 "the run folder's file system is full: this instance answers requests, but its workers' metrics are "
                 "off; free or enlarge it (docs/operations.md, \"The run folder\")", retry_after=1,
             )
-        return _json_response({"status": "ready", "model": model_summary(self.repository.default.card)})
-
-    def on_model(self, request: Request) -> Response:
-        """The default model's card: name, version, classes, palette, input, output, engine, measured quality."""
-        self._require_ready()
-        return _json_response(self.repository.default.card)
-
-    def on_models(self, request: Request) -> Response:
-        """The repository: the default model, and every model with its state, versions and card."""
-        return _json_response(self.repository.describe())
-
-    def on_model_entry(self, request: Request, name: str, version: str | None) -> Response:
-        """One model of the repository (its state, versions and card), or one version of it (its state and reason,
-        and the card it is served with); 404 naming what there is."""
-        model = self.repository.models.get(name)
-        if model is None:
-            raise api_error(HTTPNotFound, "unknown_model",
-                            f"unknown model {name!r}; served: {self.repository.names()}")
-        if version is None:
-            return _json_response(model.describe())
-        versions = model.versions
-        for entry in versions:
-            if entry.version == version:
-                card = entry.segmenter.card if entry.segmenter else None
-                return _json_response({"name": name, **entry.describe(), "card": card})
-        raise api_error(HTTPNotFound, "unknown_version", f"unknown version {version!r} of model {name!r}; versions: "
-                        f"{', '.join(v.version for v in versions) or 'none'}")
+        return json_response({"status": "ready", "model": model_summary(self.repository.default.card)})
 
     def on_metrics(self, request: Request) -> Response:
         """Prometheus text format, summed over worker processes in multiprocess mode."""
@@ -259,73 +191,6 @@ class SegmentationApp:
     def on_openapi(self, request: Request) -> Response:
         """The OpenAPI 3.1 description of this API (segapp/openapi.yaml) as JSON, naming this app's inference path."""
         return Response(body=description_json(self.settings.route), content_type="application/json", charset=None)
-
-    def on_v2_server(self, request: Request) -> Response:
-        """Open Inference Protocol server metadata: name, version, extensions."""
-        return _json_response(server_metadata())
-
-    def on_v2_live(self, request: Request) -> Response:
-        """Open Inference Protocol liveness: 200 whenever the process can answer."""
-        return _json_response({"live": True})
-
-    def on_v2_ready(self, request: Request) -> Response:
-        """Open Inference Protocol readiness: as /readyz, 503 while the model loads or the instance drains."""
-        self.on_readyz(request)  # raises its 503s
-        return _json_response({"ready": True})
-
-    def on_v2_model(self, request: Request, name: str, version: str | None) -> Response:
-        """Open Inference Protocol model metadata: the input and outputs, their datatypes and shapes."""
-        self._require_ready()
-        segmenter = self.protocol.model(name, version)
-        served = [entry.version for entry in self.repository.models[name].served]
-        return _json_response(self.protocol.metadata(segmenter, [version] if version else served))
-
-    def on_v2_model_ready(self, request: Request, name: str, version: str | None) -> Response:
-        """Open Inference Protocol model readiness: 200 once the model is loaded, 503 before."""
-        self._require_ready()
-        self.protocol.model(name, version)
-        return _json_response({"name": name, "ready": True})
-
-    def on_v2_index(self, request: Request) -> Response:
-        """The repository index (Triton's extension): every model version and its state; with {"ready": true}, those
-        served only."""
-        body = read_body(request.environ, self.settings.max_body_bytes)
-        try:
-            asked = json.loads(body) if body.strip() else {}
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            asked = None
-        if not isinstance(asked, dict) or not isinstance(asked.get("ready", False), bool):
-            raise api_error(HTTPBadRequest, "bad_request", 'the index request is a JSON object, {"ready": true|false}')
-        return _json_response(self.repository.index(ready_only=asked.get("ready", False)))
-
-    def on_v2_infer(self, request: Request, name: str, version: str | None) -> Response:
-        """Open Inference Protocol inference: JSON or binary tensors in, the mask (and class fractions) out."""
-        # The body first, within the limit: answering with it unread would reset the socket under nginx.
-        body = read_body(request.environ, self.settings.max_body_bytes)
-        self._require_ready()
-        segmenter = self.protocol.model(name, version)
-        header_length = request.environ.get("HTTP_" + HEADER_LENGTH.upper().replace("-", "_"))
-        parsed = self.protocol.parse(body, request.content_type.lower(), header_length)
-        answer = self.protocol.answer(segmenter, parsed, self.protocol.infer(segmenter, parsed))
-        for result in answer.segmentations:
-            self.metrics.observe_inference(result.timings, int(result.mask.size), segmenter.name, segmenter.version)
-        self.metrics.observe_inference({"encode": answer.timings["encode"]}, None, segmenter.name, segmenter.version)
-        binary = answer.header_length is not None
-        response = Response(body=answer.body, charset=None,
-                            content_type="application/octet-stream" if binary else "application/json")
-        if binary:
-            response.headers[HEADER_LENGTH] = str(answer.header_length)
-        response.headers["X-Model"] = f"{segmenter.name}/{segmenter.version}"
-        response.headers["Server-Timing"] = ", ".join(
-            f"{stage};dur={seconds * 1000:.2f}" for stage, seconds in answer.timings.items()
-        )
-        return response
-
-    def _require_ready(self) -> None:
-        if not self.repository.default.ready:
-            raise api_error(
-                HTTPServiceUnavailable, "not_ready", "the model is loading; try again shortly", retry_after=1
-            )
 
     def _account(self, request: Request, path: str | None, response: Response, request_id: str,
                  elapsed: float) -> None:
@@ -354,7 +219,3 @@ def request_path(environ: dict) -> str | None:
     if "//" in raw and "//" not in path:
         return raw
     return path
-
-
-def _json_response(value) -> Response:
-    return Response(body=json_bytes(value), content_type="application/json", charset=None)
