@@ -100,7 +100,9 @@ def _engine(model: str, threads: int):
         SHIPPED_MODEL = Settings().model
     model = model or str(SHIPPED_MODEL)  # the tree's own shipped default
     engine = open_engine(model, threads)
-    batch = np.random.default_rng(0).random((1, 128, 128, 3)).astype(np.float32)
+    # The network's own input shape (a baseline tree's engines do not say it: its model took 128x128x3).
+    shape = (1, *engine.input.shape[1:]) if hasattr(engine, "input") else (1, 128, 128, 3)
+    batch = np.random.default_rng(0).random(shape).astype(np.float32)
     return (lambda: engine.predict(batch)), {"model": model}
 
 

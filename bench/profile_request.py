@@ -70,8 +70,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         data = make_image(Path(scratch), width, height).read_bytes()
     app = make_app(Settings())
-    engine = app.repository.default.engine
-    batch = np.random.default_rng(0).random((1, 128, 128, 3)).astype(np.float32)
+    segmenter = app.repository.default
+    engine = segmenter.engine
+    batch, _ = segmenter.prepare(np.zeros((height, width, 3), np.uint8))  # the network's own input
 
     def request():
         return app_request(app, data, args.format)
