@@ -182,9 +182,11 @@ class Segmenter:
             inner_width = min(width, max(1, round(source_width * scale)))
             inner_height = min(height, max(1, round(source_height * scale)))
             placement = Placement((width - inner_width) // 2, (height - inner_height) // 2, inner_width, inner_height)
-            # The padding is the mean colour, which the normalisation makes 0.
+            # The padding is the mean colour, which the normalisation makes 0 (mean is in the network's channel
+            # order: reversed here for a BGR network, whose channels are reversed below).
             fitted = np.empty((height, width, 3), np.uint8)
-            fitted[:] = np.clip(np.rint(contract.mean), 0, 255).astype(np.uint8)
+            mean = contract.mean[::-1] if contract.channels == "BGR" else contract.mean
+            fitted[:] = np.clip(np.rint(mean), 0, 255).astype(np.uint8)
             fitted[placement.top : placement.top + inner_height, placement.left : placement.left + inner_width] = \
                 resize_pixels(pixels, inner_width, inner_height)
         else:

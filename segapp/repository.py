@@ -105,9 +105,10 @@ class ModelRepository:
 
     @classmethod
     def load(cls, folder: str | Path, default_model: str | None = None, strict: bool = True,
-             **segmenter_options) -> ModelRepository:
+             served_default: str | None = None, **segmenter_options) -> ModelRepository:
         """Load every served version of every model in `folder`; `segmenter_options` go to each `Segmenter`
-        (threads, max_pixels, ...). Raises `ModelLoadError`."""
+        (threads, max_pixels, ...). `served_default`: the default a running server has served (a reload), kept when
+        nothing else names one (a second model added to a repository of one). Raises `ModelLoadError`."""
         folder = Path(folder)
         if not folder.is_dir():
             raise ModelLoadError(f"model repository {folder}: not a folder")
@@ -119,7 +120,8 @@ class ModelRepository:
             models.append(_load_model(path, strict, segmenter_options))
         if not models:
             raise ModelLoadError(f"model repository {folder}: no model folder in it")
-        default_model = default_model or _repository_default(folder) or (models[0].name if len(models) == 1 else None)
+        default_model = (default_model or _repository_default(folder)
+                         or (models[0].name if len(models) == 1 else None) or served_default)
         if default_model is None:
             raise ModelLoadError(f"model repository {folder}: {len(models)} models and no default; name one in "
                                  "SEGAPP_DEFAULT_MODEL or repository.json's \"default_model\"")

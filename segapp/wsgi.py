@@ -52,12 +52,13 @@ def configure_logging(level: str = "INFO") -> None:
 
 def make_app(settings: Settings | None = None, segmenter: Segmenter | None = None,
              metrics: Metrics | None = None, repository: ModelRepository | None = None,
-             strict: bool = True) -> SegmentationApp:
+             strict: bool = True, served_default: str | None = None) -> SegmentationApp:
     """The WSGI app for `settings` (default: from SEGAPP_* variables).
 
     Without `repository` (or one `segmenter`, served as a repository of one), loads and warms the models the settings
     name: SEGAPP_MODEL, else SEGAPP_MODEL_REPOSITORY (this takes the time; do it in each worker after the fork).
-    `strict`: a model version that fails to load raises `ModelLoadError` instead of being refused. Without `metrics`,
+    `strict`: a model version that fails to load raises `ModelLoadError` instead of being refused; `served_default`,
+    the default model a running server serves, is kept when nothing else names one. Without `metrics`,
     metrics are multiprocess when PROMETHEUS_MULTIPROC_DIR is set.
     """
     settings = settings or Settings.from_env()
@@ -65,7 +66,8 @@ def make_app(settings: Settings | None = None, segmenter: Segmenter | None = Non
         configure_logging(settings.log_level)
     logging.getLogger("segapp").setLevel(settings.log_level)
     if repository is None:
-        repository = ModelRepository.of(segmenter) if segmenter is not None else load_models(settings, strict)
+        repository = (ModelRepository.of(segmenter) if segmenter is not None
+                      else load_models(settings, strict, served_default))
     for served in repository.segmenters():
         if settings.engine_delay_ms and served.engine is not None:
             served.engine = DelayedEngine(served.engine, settings.engine_delay_ms)
@@ -76,8 +78,9 @@ def make_app(settings: Settings | None = None, segmenter: Segmenter | None = Non
     return SegmentationApp(settings, repository, metrics)
 
 
-def load_models(settings: Settings, strict: bool = True) -> ModelRepository:
-    """The repository the settings name, every served version loaded: SEGAPP_MODEL's one file, or the folder."""
+def load_models(settings: Settings, strict: bool = True, served_default: str | None = None) -> ModelRepository:
+    """The repository the settings name, every served version loaded: SEGAPP_MODEL's one file, or the folder.
+    `served_default`: the default model a running server serves (segapp.repository.ModelRepository.load)."""
     options = {"threads": settings.threads, "max_pixels": settings.max_pixels,
                "max_decode_bytes": settings.max_decode_bytes, "decode_cpu_seconds": settings.decode_cpu_seconds}
     if settings.model is not None:
@@ -86,7 +89,7 @@ def load_models(settings: Settings, strict: bool = True) -> ModelRepository:
         except Exception as error:  # the runtimes raise their own kinds for a broken file
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise ModelLoadError(f"SEGAPP_MODEL={settings.model}: {reason}") from None
-    return ModelRepository.load(settings.model_repository, settings.default_model, strict, **options)
+    return ModelRepository.load(settings.model_repository, settings.default_model, strict, served_default, **options)
 
 
 class LazyApplication:
@@ -135,13 +138,14 @@ def _uwsgi_worker_application() -> SegmentationApp:
         # The first workers of a master are strict: a model that cannot load stops the server. Once one has loaded,
         # a worker that starts (chain reload, respawn) refuses a broken new version and serves the one before it.
         loaded = settings.loaded_file
-        app = make_app(settings, strict=not (loaded and loaded.exists()))
+        served_default = loaded.read_text().strip() or None if loaded and loaded.exists() else None
+        app = make_app(settings, strict=not (loaded and loaded.exists()), served_default=served_default)
     except (ModelLoadError, SettingsError) as error:
         # One line, no traceback: this is the operator's mistake, not the program's.
         log.critical("cannot start: %s", error)
         sys.exit(_FAILED_APP_STATUS)
-    if loaded:
-        loaded.touch()
+    if loaded:  # names the default model it serves, which a reload keeps when nothing else names one
+        loaded.write_text(app.repository.default_model + "\n")
     pid = os.getpid()
     # A worker that stops (reload, max-requests) leaves the summed in-flight and model-info gauges at once, and its
     # counters move into the metrics folder's archive. A killed worker never runs this: the next worker to start, or

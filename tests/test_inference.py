@@ -2,6 +2,7 @@
 shipped int8 model agrees with it."""
 
 import io
+import json
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import pytest
 from PIL import Image
 
 from segapp.contract import ContractError
-from segapp.engines import EngineError, open_engine
+from segapp.engines import EngineError, TensorSpec, open_engine
 from segapp.engines.litert import LiteRTEngine
 from segapp.inference import FLOAT_MODEL, SHIPPED_MODEL, Segmentation, Segmenter
 from segapp.training import scenes
@@ -168,3 +169,28 @@ def test_model_without_a_card_is_served_with_classes_named_by_index(segmenter_wi
     assert segmenter.card["classes"] == [f"class_{index}" for index in range(5)]
     assert segmenter.card["card"] == "inferred" and len(set(map(tuple, segmenter.card["palette"]))) == 5
     assert "has no card" in caplog.text
+
+
+class EchoEngine:
+    """A network that answers its own input: 3 'classes', one per channel of the normalised image."""
+
+    name = "echo"
+    input = TensorSpec("image", (None, 32, 32, 3), "float32")
+    outputs = [TensorSpec("out", (None, 32, 32, 3), "float32")]
+
+    def predict(self, batch, output=0):
+        return batch
+
+
+@pytest.mark.parametrize("channels", ["RGB", "BGR"])
+def test_letterbox_padding_is_zero_once_normalised_in_either_channel_order(tmp_path, channels):
+    card = {"input": {"resize": "letterbox", "channels": channels, "mean": [10, 120, 250], "std": 2}}
+    (tmp_path / "model.json").write_text(json.dumps(card))
+    segmenter = Segmenter(tmp_path / "1" / "model.tflite", engine=EchoEngine(),
+                          card_file=tmp_path / "model.json").load()
+    pixels = np.full((10, 40, 3), (200, 100, 50), np.uint8)  # wide: padded above and below
+    batch, placement = segmenter.prepare(pixels)
+    assert (placement.top, placement.height, placement.width) == (12, 8, 32)
+    assert np.all(batch[0, :12] == 0) and np.all(batch[0, 20:] == 0)
+    inside = (np.array((200, 100, 50))[:: -1 if channels == "BGR" else 1] - np.array([10, 120, 250])) / 2
+    np.testing.assert_allclose(batch[0, 14, 16], inside)

@@ -126,6 +126,8 @@ def test_two_models_under_load_each_answer_from_the_model_asked(stack_factory, j
 
 def test_a_version_and_a_model_added_then_a_broken_version_refused_under_load(stack_factory, jpeg, record_property):
     folder = readable_repository()
+    # A repository of one model names no default; once a second is added, the one served stays the default.
+    (folder / "repository.json").unlink()
     stack = stack_factory(SEGAPP_MODEL_REPOSITORY=str(folder))
     with Load(stack, jpeg, {"": "*"}) as load:
         load.wait_for(10)
@@ -150,6 +152,7 @@ def test_a_version_and_a_model_added_then_a_broken_version_refused_under_load(st
     refused = {v["version"]: v for v in models[DEMO]["versions"]}["3"]
     assert refused["state"] == "failed" and "3/model.tflite" in refused["reason"]
     assert models[DEMO]["served_versions"] == ["2"] and models["added"]["state"] == "ready"
+    assert [v["state"] for v in models[DEMO]["versions"]] == ["failed", "ready", "unavailable"]
 
 
 @pytest.mark.parametrize("break_it, reason", [
