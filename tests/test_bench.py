@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import run
+from bench import models, run
 from bench.stack import ROOT
 
 pytestmark = [
@@ -90,3 +90,23 @@ def test_baseline_runs_the_same_benchmark_on_a_worktree_of_ref_and_reports_ratio
     assert str(tree) not in listed
     table = capsys.readouterr().out
     assert "baseline: HEAD" in table and "x) |" in table
+
+
+def test_models_benchmark_serves_one_two_and_three_models_and_writes_its_tables_and_json(tmp_path, capsys):
+    models.main(["--seconds", "1", "--rounds", "1", "--warmup-seconds", "1", "--out", str(tmp_path), "--name", "tiny"])
+    result = json.loads((tmp_path / "tiny.json").read_text())
+    (runs,) = result["rounds"]
+    assert sorted(runs) == ["1", "2", "3"]
+    # The workers of each stack mapped every network of its repository, and no other.
+    assert runs["1"]["mapped"] == ["segapp-unet/1/model.tflite"]
+    assert runs["3"]["mapped"] == ["person/1/model.tflite", "segapp-unet-float/1/model.tflite",
+                                   "segapp-unet/1/model.tflite"]
+    for figures in runs.values():
+        assert figures["ready_s"] > 0 and len(figures["after_warmup"]["worker_rss_mb"]) == 2
+        assert 0 < max(figures["after_warmup"]["worker_private_mb"]) < min(figures["after_warmup"]["worker_rss_mb"])
+        assert figures["default"]["requests_per_s"] > 0 and figures["default"]["non_2xx"] == 0
+    assert "person" not in runs["1"] and runs["3"]["person"]["requests_per_s"] > 0
+    assert runs["3"]["person"]["non_2xx"] == 0
+    assert result["summary"]["rps_ratio_3_over_1"] > 0 and result["summary"]["3"]["person_requests_per_s"] > 0
+    table = capsys.readouterr().out
+    assert "| models | stacks started |" in table and "person (3 models loaded)" in table
