@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 
 from bench.stack import StackError
 from segapp.inference import SHIPPED_MODEL, card_path
-from tests.integration.test_reliability import touch_in_a_later_second
+from tests.integration.test_reliability import RequestStream, touch_in_a_later_second
 
 DEMO = "segapp-unet"
 
@@ -46,53 +45,13 @@ def add_version(folder: Path, name: str, version: int, network: bytes | None = N
     return model
 
 
-class Load:
-    """`clients` threads POSTing the image in turn to each of `queries`; counts requests sent, answered (200 from
-    the model each query names) and failed, by their outcome."""
-
-    def __init__(self, stack, image: bytes, queries: dict[str, str], clients: int = 4):
-        self.stack, self.image, self.queries = stack, image, queries
-        self.sent = self.answered = 0
-        self.failures: list[str] = []
-        self._lock, self._stop = threading.Lock(), threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(index,), daemon=True) for index in range(clients)]
-
-    def __enter__(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=120)
-
-    def _run(self, index: int) -> None:
-        queries = list(self.queries.items())
-        turn = index
-        while not self._stop.is_set():
-            query, expected = queries[turn % len(queries)]
-            turn += 1
-            with self._lock:
-                self.sent += 1
-            try:
-                answer = self.stack.infer(self.image, query=query, timeout=60)
-                outcome = f"{answer.status} {answer.headers.get('X-Model')}"
-                good = answer.status == 200 and expected in (answer.headers.get("X-Model"), "*")
-            except OSError as error:
-                outcome, good = type(error).__name__, False
-            with self._lock:
-                if good:
-                    self.answered += 1
-                else:
-                    self.failures.append(f"{query}: {outcome}")
-
-    def wait_for(self, more: int, timeout: float = 120) -> None:
-        target = self.answered + len(self.failures) + more
-        deadline = time.monotonic() + timeout
-        while self.answered + len(self.failures) < target:
-            assert time.monotonic() < deadline, "the load stalled"
-            time.sleep(0.05)
+def report(load: RequestStream, what: str, record_property) -> None:
+    """Counted: every request sent was answered with a 200 by the model it named, or is listed as failed."""
+    sent, answered, failed = load.sent, load.outcomes.count("200"), len(load.failures)
+    record_property(what, f"{sent} sent, {answered} answered, {failed} failed")
+    print(f"\n{what}: {sent} sent = {answered} answered + {failed} failed")
+    assert sent == answered + failed
+    assert load.failures == []
 
 
 def reload_workers(stack) -> None:
@@ -114,14 +73,10 @@ def test_two_models_under_load_each_answer_from_the_model_asked(stack_factory, j
     assert {m["name"]: m["served_versions"] for m in models["models"]} == {DEMO: ["1"], "second": ["3"]}
     queries = {"": f"{DEMO}/1", "?model=second": "second/3", f"?model={DEMO}&version=1": f"{DEMO}/1",
                "?model=second&version=3": "second/3"}
-    with Load(stack, jpeg, queries, clients=8) as load:
+    with RequestStream(stack, jpeg, clients=8, models=queries) as load:
         load.wait_for(200)
     shutil.rmtree(folder, ignore_errors=True)
-    # Counted: every request sent was answered by the model it named, or is listed as failed.
-    record_property("two_models", f"{load.sent} sent, {load.answered} answered, {len(load.failures)} failed")
-    print(f"\ntwo models at c=8: {load.sent} sent = {load.answered} answered + {len(load.failures)} failed")
-    assert load.sent == load.answered + len(load.failures)
-    assert load.failures == []
+    report(load, "two models at c=8", record_property)
 
 
 def test_a_version_and_a_model_added_then_a_broken_version_refused_under_load(stack_factory, jpeg, record_property):
@@ -129,7 +84,7 @@ def test_a_version_and_a_model_added_then_a_broken_version_refused_under_load(st
     # A repository of one model names no default; once a second is added, the one served stays the default.
     (folder / "repository.json").unlink()
     stack = stack_factory(SEGAPP_MODEL_REPOSITORY=str(folder))
-    with Load(stack, jpeg, {"": "*"}) as load:
+    with RequestStream(stack, jpeg, clients=4) as load:
         load.wait_for(10)
         add_version(folder, DEMO, 2)
         add_version(folder, "added", 1)
@@ -143,11 +98,7 @@ def test_a_version_and_a_model_added_then_a_broken_version_refused_under_load(st
         load.wait_for(10)
     models = {m["name"]: m for m in stack.request("GET", "/v1/models").json()["models"]}
     shutil.rmtree(folder, ignore_errors=True)
-    record_property("reloads", f"{load.sent} sent, {load.answered} answered, {len(load.failures)} failed")
-    print(f"\nversion and model added, broken version refused: {load.sent} sent = {load.answered} answered + "
-          f"{len(load.failures)} failed")
-    assert load.sent == load.answered + len(load.failures)
-    assert load.failures == []
+    report(load, "version and model added, broken version refused", record_property)
     assert stack.infer(jpeg).headers["X-Model"] == f"{DEMO}/2"
     refused = {v["version"]: v for v in models[DEMO]["versions"]}["3"]
     assert refused["state"] == "failed" and "3/model.tflite" in refused["reason"]

@@ -25,15 +25,21 @@ pytestmark = pytest.mark.integration
 
 
 class RequestStream:
-    """Clients POSTing an image in a loop on threads of their own; counts answers by status (or exception name)."""
+    """Clients POSTing an image in a loop on threads of their own; counts answers by status (or exception name).
 
-    def __init__(self, stack, image: bytes, clients: int = 2):
+    `models`: query string -> the X-Model that must answer it ("*": any); each client takes them in turn. An answer
+    counts as failed unless it is a 200 from that model.
+    """
+
+    def __init__(self, stack, image: bytes, clients: int = 2, models: dict[str, str] | None = None):
         self.stack, self.image = stack, image
+        self.models = list((models or {"": "*"}).items())
+        self.sent = 0  # counted before each request goes out
         self.outcomes: list[str] = []
         self.failures: list[str] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+        self._threads = [threading.Thread(target=self._run, args=(index,), daemon=True) for index in range(clients)]
 
     def __enter__(self) -> RequestStream:
         for thread in self._threads:
@@ -45,18 +51,24 @@ class RequestStream:
         for thread in self._threads:
             thread.join(timeout=120)
 
-    def _run(self) -> None:
+    def _run(self, turn: int) -> None:
         while not self._stop.is_set():
+            query, model = self.models[turn % len(self.models)]
+            turn += 1
+            with self._lock:
+                self.sent += 1
             try:
-                answer = self.stack.infer(self.image, timeout=60)
+                answer = self.stack.infer(self.image, query, timeout=60)
                 outcome = str(answer.status)
+                if outcome == "200" and model not in ("*", answer.headers.get("X-Model")):
+                    outcome = f"200 from {answer.headers.get('X-Model')}, not {model}"
                 detail = answer.body[:200].decode(errors="replace")
             except OSError as error:
                 outcome = detail = type(error).__name__
             with self._lock:
                 self.outcomes.append(outcome)
                 if outcome != "200":
-                    self.failures.append(f"{outcome}: {detail}")
+                    self.failures.append(f"{query}: {outcome}: {detail}")
 
     def count(self) -> int:
         with self._lock:
