@@ -135,11 +135,6 @@ class Segmenter:
         self.ready = True
         return self
 
-    @property
-    def input_size(self) -> int:
-        """The network's input height (its width is `contract.width`)."""
-        return self.contract.height
-
     def segment(self, data: bytes, full_pixels: bool = False, cpu_seconds: float | None = None) -> Segmentation:
         """Segment the image in `data`. Raises `segapp.imaging.ImageError` for bytes that are not a usable image.
 
