@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from segapp.contract import card_json
-from segapp.training import datasets, scenes, train, unet
+from segapp.training import datasets, quality, scenes, train, unet
 
 pytest.importorskip("tensorflow", reason="the tensorflow extra is part of make test")
 
@@ -159,14 +159,14 @@ def test_the_output_folder_serves_as_a_repository_of_the_int8_model_and_the_floa
 
 
 def test_models_are_told_apart_by_their_path_from_the_folder_they_share(tmp_path):
-    names = train.model_names(tmp_path / "unet.tflite", tmp_path / "segapp-unet" / "1" / "model.tflite")
+    names = quality.model_names(tmp_path / "unet.tflite", tmp_path / "segapp-unet" / "1" / "model.tflite")
     assert names == ["unet.tflite", "segapp-unet/1/model.tflite"]
-    assert train.model_names(tmp_path / "a" / "model.tflite", tmp_path / "b" / "model.tflite") == [
+    assert quality.model_names(tmp_path / "a" / "model.tflite", tmp_path / "b" / "model.tflite") == [
         "a/model.tflite",
         "b/model.tflite",
     ]
     with pytest.raises(ValueError, match="the same model twice"):
-        train.model_names(tmp_path / "unet.tflite", tmp_path / "." / "unet.tflite")
+        quality.model_names(tmp_path / "unet.tflite", tmp_path / "." / "unet.tflite")
 
 
 def test_eval_prints_a_table_and_json(trained, capsys):
@@ -221,7 +221,7 @@ def test_folder_test_images_are_never_trained_or_validated_on(tmp_path):
     data = str(make_folder(tmp_path / "data", 50))
     trained_on = colours(train.load_split(data, "train", 0, 32)[0])
     validated_on = colours(train.load_split(data, "val", 0, 32)[0])
-    tested_on = colours(np.stack([image for image, _ in train.test_pairs(data, 0)]))
+    tested_on = colours(np.stack([image for image, _ in quality.test_pairs(data, 0, unet.NUM_CLASSES)]))
     assert tested_on and trained_on and validated_on
     assert not tested_on & trained_on and not tested_on & validated_on and not trained_on & validated_on
     assert len(trained_on | validated_on | tested_on) == 50

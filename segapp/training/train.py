@@ -1,4 +1,5 @@
-"""Training, evaluation and export: the console scripts segapp-train and segapp-eval.
+"""Training, and the console scripts segapp-train and segapp-eval (export: segapp.training.export; quality:
+segapp.training.quality).
 
     segapp-train --data synthetic --epochs 30 --out segapp/models
     segapp-train --data ~/datasets/oxford-iiit-pet --epochs 40 --width half --out models/pets
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -31,20 +31,18 @@ from pathlib import Path
 import numpy as np
 
 from segapp.contract import card_json, read_card
-from segapp.inference import Segmenter, card_path
+from segapp.inference import card_path
 from segapp.training import datasets, evaluation, scenes, unet
+from segapp.training.export import FLOAT_FILE, KERAS_FILE, export, export_int8
+from segapp.training.quality import compare, measure
 
 MODEL_NAME = "segapp-unet"
 # Paths in the output folder, as the cards' "files" and "float_and_int8" name them: the float model flat (served
 # with SEGAPP_MODEL=FILE), the int8 one as version 1 of MODEL_NAME in the folder as a repository (its card is
 # MODEL_NAME/model.json).
-KERAS_FILE = "unet.keras"
-FLOAT_FILE = "unet.tflite"
 INT8_FILE = f"{MODEL_NAME}/1/model.tflite"
 # The classes a cutout keeps: the object, and the border band that straddles its edge.
 FOREGROUND_CLASSES = [scenes.CLASS_NAMES[scenes.FOREGROUND], scenes.CLASS_NAMES[scenes.BORDER]]
-# Timed engine calls per model: the first test scenes at the input size, each run `rounds` times.
-TIMED_SCENES = 50
 
 
 def load_split(data: str, split: str, count: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -54,15 +52,6 @@ def load_split(data: str, split: str, count: int, size: int) -> tuple[np.ndarray
         return datasets.synthetic_at(split, count, size)
     samples = datasets.folder_samples(data, split)
     return datasets.load_samples(samples[:count] if count else samples, size)
-
-
-def test_pairs(data: str, count: int, num_classes: int = unet.NUM_CLASSES):
-    """(image, label) pairs of the held-out test split at their own resolution; labels are checked to be
-    classes 0..num_classes-1."""
-    if data == "synthetic":
-        return datasets.synthetic("test", count)
-    samples = datasets.folder_samples(data, "test")
-    return (sample.load(num_classes) for sample in (samples[:count] if count else samples))
 
 
 def train(args) -> dict:
@@ -226,115 +215,6 @@ def add_int8(out: Path, args) -> dict:
 
 def _write_card(model_path: Path, card: dict) -> None:
     card_path(model_path).write_text(json.dumps(card, indent=2) + "\n")
-
-
-def export(model, out: Path) -> None:
-    """Write unet.keras without optimizer state and unet.tflite for LiteRT (float32, batch dimension dynamic)."""
-    import keras
-
-    with tempfile.TemporaryDirectory() as scratch:
-        # Keras saves the optimizer's slots with a compiled model (5 MB of 8 for the slim width); a model
-        # loaded with compile=False has none.
-        model.save(Path(scratch) / "trained.keras")
-        keras.saving.load_model(Path(scratch) / "trained.keras", compile=False).save(out / KERAS_FILE)
-    export_tflite(out / KERAS_FILE, out / FLOAT_FILE)
-
-
-def export_tflite(keras_path: Path, tflite_path: Path) -> None:
-    """Convert a .keras model to .tflite through a SavedModel.
-
-    Converting a tf.function of the Keras model directly gave a file without its weights that answered NaN;
-    the SavedModel route keeps them (LiteRT and TensorFlow logits agree within 1e-6).
-    """
-    import keras
-    import tensorflow as tf
-
-    model = keras.saving.load_model(str(keras_path), compile=False)
-    with tempfile.TemporaryDirectory() as scratch:
-        model.export(scratch, format="tf_saved_model", verbose=False)
-        tflite_path.write_bytes(tf.lite.TFLiteConverter.from_saved_model(scratch).convert())
-
-
-def export_int8(keras_path: Path, tflite_path: Path, representative: np.ndarray) -> None:
-    """Convert a .keras model to a full-integer .tflite (int8 weights, activations, input and output) for
-    XNNPACK's int8 kernels, calibrated on `representative` images (N x size x size x 3 uint8), normalised as
-    the network is trained (`unet.normalise`)."""
-    import keras
-    import tensorflow as tf
-
-    def samples():
-        for image in representative:
-            yield [unet.normalise(image[None])]
-
-    model = keras.saving.load_model(str(keras_path), compile=False)
-    with tempfile.TemporaryDirectory() as scratch:
-        model.export(scratch, format="tf_saved_model", verbose=False)
-        converter = tf.lite.TFLiteConverter.from_saved_model(scratch)
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = samples
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        # Integer input and output: LiteRTEngine quantizes the normalised pixels and dequantizes the logits with the
-        # parameters the interpreter reports, so no float op is left in the graph.
-        converter.inference_input_type = tf.int8
-        converter.inference_output_type = tf.int8
-        tflite_path.write_bytes(converter.convert())
-
-
-def measure(model_path: Path, data: str, count: int) -> dict:
-    """Quality of a model in inference mode, through the serving Segmenter, at the labels' own resolution."""
-    segmenter = Segmenter(model_path).load()
-    classes = segmenter.card["classes"]
-    result = evaluation.evaluate(segmenter.segment_pixels, test_pairs(data, count, len(classes)), classes)
-    return {**result, "data": f"{data} test split", "engine": segmenter.card["engine"]}
-
-
-def compare(float_path: Path, int8_path: Path, data: str, count: int) -> dict:
-    """Both models' quality and engine time (1 thread, median ms of one image) on the test split, and the
-    fraction of pixels where their masks agree; keyed by `model_names` (both may be model.tflite)."""
-    float_name, int8_name = model_names(float_path, int8_path)
-    models = {float_name: Segmenter(float_path).load(), int8_name: Segmenter(int8_path).load()}
-    classes = models[float_name].card["classes"]
-    totals = {name: np.zeros((len(classes), len(classes)), np.int64) for name in models}
-    same = pixels = images = 0
-    lowest = 1.0
-    scenes_at_input = []
-    for image, label in test_pairs(data, count, len(classes)):
-        masks = {name: segmenter.segment_pixels(image) for name, segmenter in models.items()}
-        for name, mask in masks.items():
-            totals[name] += evaluation.confusion(label, mask, len(classes))
-        agreeing = int(np.count_nonzero(masks[float_name] == masks[int8_name]))
-        same, pixels, images = same + agreeing, pixels + label.size, images + 1
-        lowest = min(lowest, agreeing / label.size)
-        if len(scenes_at_input) < TIMED_SCENES:
-            # Fed as serving feeds it: the input size, resize and normalisation of the float model's contract.
-            scenes_at_input.append(models[float_name].prepare(image)[0])
-    times = evaluation.engine_milliseconds({name: s.engine.predict for name, s in models.items()}, scenes_at_input)
-    quality = {
-        name: {
-            **evaluation.scores(totals[name], classes),
-            "images": images,
-            "data": f"{data} test split",
-            "engine": models[name].card["engine"],
-            "engine_ms_per_image": times[name],
-        }
-        for name in models
-    }
-    return {
-        "models": quality,
-        "agreement": {"pixels": same / max(pixels, 1), "lowest_image": lowest, "images": images},
-        "int8_engine_time_ratio": round(times[int8_name] / times[float_name], 3),
-        "timing": f"engine alone, 1 thread, median of {len(scenes_at_input) * 3} calls (test scenes at input size)",
-    }
-
-
-def model_names(*paths: Path) -> list[str]:
-    """Names that tell models apart: each path from the folder they share (unet.tflite and
-    segapp-unet/1/model.tflite for segapp-train's two). The same model twice is a ValueError."""
-    resolved = [Path(path).resolve() for path in paths]
-    if len(set(resolved)) < len(resolved):
-        raise ValueError(f"{' and '.join(str(path) for path in paths)}: the same model twice")
-    shared = Path(os.path.commonpath(resolved))
-    return [path.relative_to(shared).as_posix() for path in resolved]
 
 
 def _parser_common(parser: argparse.ArgumentParser) -> None:
