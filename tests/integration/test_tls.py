@@ -1,9 +1,11 @@
 """HTTPS through the real stack (SEGAPP_TLS_CERT and SEGAPP_TLS_KEY, nginx/tls.conf) with a CA and a server
-certificate made here: clients that verify the chain (curl, Python's ssl, tritonclient), HTTP/2 by ALPN, TLS 1.0 and
-1.1 refused by the server, plain HTTP redirected, and a renewed certificate taken by a reload under load."""
+certificate made here: clients that verify the chain (curl, Python's ssl, tritonclient, the page in Chromium), HTTP/2
+by ALPN, TLS 1.0 and 1.1 refused by the server, plain HTTP redirected, and a renewed certificate taken by a reload
+under load (last: it leaves the stack with another certificate)."""
 
 from __future__ import annotations
 
+import base64
 import datetime
 import io
 import ipaddress
@@ -26,10 +28,23 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from PIL import Image
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 
 from bench.stack import Endpoint
 from tests.integration.conftest import start_stack
 from tests.integration.test_reliability import RequestStream
+from tests.integration.test_web import (
+    CHROMEDRIVER,
+    CHROMIUM,
+    DESKTOP,
+    FLAGS,
+    console_errors,
+    open_page,
+    wait_segmented,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -247,6 +262,44 @@ def test_plain_http_on_the_port_is_redirected_to_https_keeping_the_method(tls_st
         answer = plain.request(method, "/infer?threshold=0.5", body=body, headers={"Content-Type": "image/jpeg"})
         assert answer.status == 308
         assert answer.headers["Location"] == f"https://127.0.0.1:{tls_stack.port}/infer?threshold=0.5"
+
+
+def spki_hash(cert_path: Path) -> str:
+    """Base64 of the SHA-256 of a certificate's public key (SubjectPublicKeyInfo), as Chromium's pin list takes it."""
+    key = x509.load_pem_x509_certificate(cert_path.read_bytes()).public_key()
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return base64.b64encode(digest.finalize()).decode()
+
+
+def test_the_page_in_chromium_over_https_segments_a_sample(tls_stack, ca):
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        pytest.fail("chromium and chromedriver are not installed: run `make chromium`")
+    profile = Path(tempfile.mkdtemp(prefix="segapp-chromium-"))
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    # The test CA is trusted for this server's key only: Chromium accepts the certificate whose public key has this
+    # hash (the flag is honoured only with a profile of the test's own, --user-data-dir), and no other.
+    pin = f"--ignore-certificate-errors-spki-list={spki_hash(ca.folder / 'server.pem')}"
+    for flag in (*FLAGS, f"--user-data-dir={profile}", pin):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    try:
+        open_page(driver, tls_stack, DESKTOP)
+        assert driver.execute_script("return location.protocol;") == "https:"
+        assert driver.execute_script("return window.isSecureContext;") is True
+        # The page came over HTTP/2 (ALPN), as did its script.
+        protocols = driver.execute_script(
+            "return [performance.getEntriesByType('navigation')[0].nextHopProtocol,"
+            " ...performance.getEntriesByType('resource').map((entry) => entry.nextHopProtocol)];")
+        assert set(protocols) == {"h2"}, protocols
+        driver.find_element(By.CSS_SELECTOR, "[data-sample='samples/scene-2.jpg']").send_keys(Keys.ENTER)
+        wait_segmented(driver, "scene-2.jpg")
+        assert console_errors(driver) == []
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
 
 
 def test_renewed_certificate_is_taken_by_a_reload_under_load(tls_stack, ca, jpeg, record_property):
