@@ -16,6 +16,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -61,18 +62,25 @@ class Answer:
 
 @dataclass
 class Endpoint:
-    """An HTTP server on a loopback port (nginx of a stack, a container's published port)."""
+    """An HTTP server on a loopback port (nginx of a stack, a container's published port); over HTTPS when `tls`, the
+    client's context (the CA it trusts), is given."""
 
     port: int
+    tls: ssl.SSLContext | None = field(default=None, kw_only=True, repr=False)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
                 timeout: float = 60, source: str = "127.0.0.1") -> Answer:
-        """One HTTP request, on a connection of its own from loopback address `source`."""
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout, source_address=(source, 0))
+        """One HTTP/1.1 request, on a connection of its own from loopback address `source`."""
+        if self.tls:
+            connection = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=timeout,
+                                                     source_address=(source, 0), context=self.tls)
+        else:
+            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout,
+                                                    source_address=(source, 0))
         try:
             connection.request(method, path, body=body, headers=headers or {})
             response = connection.getresponse()
@@ -81,7 +89,7 @@ class Endpoint:
             connection.close()
 
     def raw(self, data: bytes, timeout: float = 30) -> Answer:
-        """Send `data` as it is (no HTTP client would send it) and read the one answer."""
+        """Send `data` as it is (no HTTP client would send it) over plain TCP, and read the one answer."""
         with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as connection:
             connection.sendall(data)
             response = http.client.HTTPResponse(connection)
@@ -106,10 +114,11 @@ class Stack(Endpoint):
 
     @classmethod
     def start(cls, run_dir: Path, env: Mapping[str, str], command: list[str] | None = None, root: Path = ROOT,
-              timeout: float = READY_TIMEOUT_S) -> Stack:
+              timeout: float = READY_TIMEOUT_S, tls: ssl.SSLContext | None = None) -> Stack:
         """Start `command` (default: uwsgi --ini ROOT/uwsgi/local.ini) with SEGAPP_* `env` over the process's own,
         on a free port unless SEGAPP_PORT is given; returns once /readyz answers 200 and every worker has its app.
-        `root` is the tree to run: another checkout (a baseline worktree) runs its own files with this venv."""
+        `root` is the tree to run: another checkout (a baseline worktree) runs its own files with this venv.
+        `tls`: the client context for a stack given SEGAPP_TLS_CERT and SEGAPP_TLS_KEY (HTTPS)."""
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         port = int(env.get("SEGAPP_PORT") or free_port())
@@ -121,7 +130,7 @@ class Stack(Endpoint):
                 command or [str(UWSGI), "--ini", str(root / "uwsgi" / "local.ini")],
                 cwd=root, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
-        stack = cls(port, run_dir, process, log_path, full_env)
+        stack = cls(port, run_dir, process, log_path, full_env, tls=tls)
         try:
             stack.wait_ready(timeout)
         except BaseException:

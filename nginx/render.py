@@ -16,6 +16,9 @@ than start an nginx that listens or limits differently from what was asked:
     client_max_body_size 10m;             <- SEGAPP_MAX_BODY_BYTES, the app's own limit
     client_body_buffer_size 10m;          <- the same: every body is held in memory, none in the run folder
     root /srv/segapp/web;                 -> root REPO/web; (the try-it page of this checkout)
+    # TLS: off                            <- SEGAPP_TLS_CERT and SEGAPP_TLS_KEY (PEM files, both or neither):
+                                             include tls.conf; (nginx/tls.conf with their paths) and
+                                             listen ADDRESS:PORT ssl http2;
 
 Standard library only: it runs before the virtual environment is known. Usage:
     python3 nginx/render.py --run-dir RUN --port 8080
@@ -29,6 +32,7 @@ import os
 import pwd
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +44,42 @@ TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 APP_SOCKET = "unix:/run/segapp/app.sock"
 # Literals that occur more than once in segapp.conf; every other literal occurs exactly once.
 OCCURRENCES = {APP_SOCKET: 3}
+# The DER of the OCSP access method's OID (1.3.6.1.5.5.7.48.1), which a certificate holds only in its Authority
+# Information Access extension when it names an OCSP responder. (1.3.6.1.5.5.7.48.1.5, OCSP no-check, encodes
+# with length 9, not 8.)
+OCSP_ACCESS_METHOD = bytes.fromhex("06082b06010505073001")
+
+
+class TLSFiles:
+    """SEGAPP_TLS_CERT and SEGAPP_TLS_KEY, checked: both set or neither, each a readable PEM file."""
+
+    def __init__(self, cert: Path, key: Path):
+        self.cert, self.key = cert, key
+
+    @classmethod
+    def from_environ(cls, environ) -> TLSFiles | None:
+        cert, key = environ.get("SEGAPP_TLS_CERT", ""), environ.get("SEGAPP_TLS_KEY", "")
+        if not cert and not key:
+            return None
+        if not cert or not key:
+            given, missing = ("SEGAPP_TLS_CERT", "SEGAPP_TLS_KEY") if cert else ("SEGAPP_TLS_KEY", "SEGAPP_TLS_CERT")
+            raise RenderError(f"{given} is set but {missing} is not: HTTPS needs both, the certificate and its key")
+        return cls(_pem_path(cert, "SEGAPP_TLS_CERT", "CERTIFICATE"), _pem_path(key, "SEGAPP_TLS_KEY", "PRIVATE KEY"))
+
+    def has_ocsp_responder(self) -> bool:
+        """Whether the (first) certificate names an OCSP responder, which nginx can then staple."""
+        der = ssl.PEM_cert_to_DER_cert(self.cert.read_text())
+        return OCSP_ACCESS_METHOD in der
+
+    def render(self, text: str) -> str:
+        """nginx/tls.conf with these files, and stapling on when the certificate allows it."""
+        subs = {
+            "ssl_certificate /etc/segapp/tls/fullchain.pem;": f'ssl_certificate "{self.cert}";',
+            "ssl_certificate_key /etc/segapp/tls/key.pem;": f'ssl_certificate_key "{self.key}";',
+            "# ssl_stapling: none": "ssl_stapling on;\n    ssl_stapling_verify on;" if self.has_ocsp_responder()
+            else "# (no stapling: the certificate names no OCSP responder)",
+        }
+        return render_site(text, subs, "tls.conf")
 
 
 class RenderError(ValueError):
@@ -56,6 +96,9 @@ def site_substitutions(run_dir: Path, port: int, environ) -> dict[str, str]:
             f"access_log {_log_path(environ.get('SEGAPP_NGINX_ACCESS_LOG') or 'access.log')} segapp;",
         "root /srv/segapp/web;": f'root "{WEB_ROOT}";',
     }
+    if TLSFiles.from_environ(environ):
+        subs["listen 80;"] = subs["listen 80;"][:-1] + " ssl http2;"
+        subs["# TLS: off"] = "include tls.conf;"
     rate = environ.get("SEGAPP_NGINX_RATE")
     if rate:
         if not re.fullmatch(r"\d+r/[sm]", rate):
@@ -93,13 +136,13 @@ def site_substitutions(run_dir: Path, port: int, environ) -> dict[str, str]:
     return subs
 
 
-def render_site(text: str, subs: dict[str, str]) -> str:
+def render_site(text: str, subs: dict[str, str], name: str = "segapp.conf") -> str:
     """`text` with every literal of `subs` replaced; each must occur exactly once (or as OCCURRENCES says)."""
     for literal, replacement in subs.items():
         found, expected = text.count(literal), OCCURRENCES.get(literal, 1)
         if found != expected:
             raise RenderError(
-                f"segapp.conf holds {literal!r} {found} times, expected {expected}; update nginx/render.py"
+                f"{name} holds {literal!r} {found} times, expected {expected}; update nginx/render.py"
             )
         text = text.replace(literal, replacement)
     return text
@@ -131,6 +174,10 @@ def render(run_dir: Path, port: int, user: str | None = None, environ=os.environ
     (out / "tmp").mkdir(parents=True, exist_ok=True)
     site = render_site((HERE / "segapp.conf").read_text(), site_substitutions(run_dir, port, environ))
     (out / "segapp.conf").write_text(site)
+    tls = TLSFiles.from_environ(environ)
+    (out / "tls.conf").unlink(missing_ok=True)
+    if tls:
+        (out / "tls.conf").write_text(tls.render((HERE / "tls.conf").read_text()))
     main_conf = (HERE / "nginx.conf").read_text()
     if user:
         main_conf = f"# written by nginx/render.py: nginx starts as root here\nuser {user};\n" + main_conf
@@ -168,6 +215,19 @@ def _log_path(raw: str) -> str:
     return raw
 
 
+def _pem_path(raw: str, name: str, kind: str) -> Path:
+    path = Path(raw).resolve()
+    if '"' in str(path) or not re.fullmatch(r"[^\s;{}$]+", str(path)):
+        raise RenderError(f"{name}={raw!r}: expected a file path without spaces, quotes, ';', '{{', '}}' or '$'")
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as error:
+        raise RenderError(f"{name}={raw!r}: cannot read it ({error.strerror})") from None
+    if not re.search(rf"-----BEGIN [A-Z ]*{kind}-----", text):
+        raise RenderError(f"{name}={raw!r}: not a PEM file with a {kind.lower()} (-----BEGIN ...{kind}-----)")
+    return path
+
+
 def _whole(raw: str, name: str) -> int:
     if not raw.isdigit() or int(raw) < 1:
         raise RenderError(f"{name}={raw!r}: expected a whole number of at least 1")
@@ -187,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     except (RenderError, OSError) as error:
         print(f"nginx/render.py: {error}", file=sys.stderr)
         return 1
-    print(f"nginx/render.py: wrote {out}/nginx.conf for port {args.port}", file=sys.stderr)
+    scheme = "https" if (out / "tls.conf").exists() else "http"
+    print(f"nginx/render.py: wrote {out}/nginx.conf for {scheme} on port {args.port}", file=sys.stderr)
     return 0
 
 

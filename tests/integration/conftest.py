@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -79,9 +80,10 @@ def make_run_dir() -> Path:
     return path
 
 
-def start_stack(run_dir: Path | None = None, command: list[str] | None = None, **env: str) -> Stack:
+def start_stack(run_dir: Path | None = None, command: list[str] | None = None, tls: ssl.SSLContext | None = None,
+                **env: str) -> Stack:
     """Start uwsgi --ini uwsgi/local.ini (or `command`, e.g. uwsgi/serve) with the tests' defaults and SEGAPP_*
-    `env` on a free port; returns once /readyz answers 200."""
+    `env` on a free port; returns once /readyz answers 200 (over HTTPS with the client context `tls`)."""
     if NGINX is None:
         pytest.fail("nginx is not installed: run `make nginx`")
     defaults = {
@@ -94,7 +96,7 @@ def start_stack(run_dir: Path | None = None, command: list[str] | None = None, *
         # sets its own.
         "SEGAPP_MAX_REQUESTS": "1000000",
     }
-    return Stack.start(run_dir or make_run_dir(), {**defaults, **drop_env(), **env}, command=command)
+    return Stack.start(run_dir or make_run_dir(), {**defaults, **drop_env(), **env}, command=command, tls=tls)
 
 
 @pytest.fixture(scope="session")
