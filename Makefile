@@ -15,7 +15,7 @@ EXTRAS ?= tensorflow,onnx,serve,bench,test
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: venv nginx wrk chromium docker kubectl models image serve test train eval bench lint clean
+.PHONY: venv nginx wrk chromium docker kubectl prometheus models image serve test train eval bench lint clean
 
 # The venv is rebuilt when the package's requirements or its compiled module (segapp/_upsampling.c) change.
 $(BIN)/.installed-$(EXTRAS): setup.cfg pyproject.toml setup.py segapp/_upsampling.c
@@ -63,6 +63,16 @@ kubectl:
 	  echo "installing kubernetes-client (kubectl) from Debian's packages"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq kubernetes-client >/dev/null; }
 
+# Prometheus and promtool from Debian's packages (prometheus) when promtool is missing: the tests check and unit-test
+# deploy/prometheus with promtool and run a prometheus of their own against a stack. policy-rc.d as for nginx: the
+# package would otherwise start a system prometheus on port 9090. Without its recommends (node-exporter, a daemon).
+prometheus:
+	@command -v promtool >/dev/null || { \
+	  echo "installing prometheus (prometheus, promtool) from Debian's packages"; \
+	  printf '#!/bin/sh\nexit 101\n' | $(SUDO) tee /usr/sbin/policy-rc.d >/dev/null; $(SUDO) chmod +x /usr/sbin/policy-rc.d; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  status=$$?; $(SUDO) rm -f /usr/sbin/policy-rc.d; exit $$status; }
+
 # MediaPipe's selfie segmentation network as model `person` (deploy/fetch-person-model): published inside an npm
 # package, so npm fetches it, a pinned version checked by SHA-256, never committed. npm from Debian's packages when it is
 # missing and the model is not there yet (apt's output hidden: the script's one line says what came of it). Where it
@@ -81,7 +91,7 @@ image: venv docker models
 serve: venv nginx models
 	VENV=$(VENV) exec uwsgi/serve
 
-test: venv nginx wrk chromium docker kubectl models
+test: venv nginx wrk chromium docker kubectl prometheus models
 	$(BIN)/ruff check segapp tests bench
 	PATH="$$PATH:/usr/sbin:/sbin" $(BIN)/python -m pytest $(PYTEST_ARGS)
 

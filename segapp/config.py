@@ -71,6 +71,9 @@ class Settings:
     """SEGAPP_LOG_LEVEL: level of the segapp loggers."""
     engine_delay_ms: int = 0
     """SEGAPP_ENGINE_DELAY_MS: test only; sleep this long in every inference to exercise timeouts. Keep 0."""
+    engine_fault: int = 0
+    """SEGAPP_ENGINE_FAULT: test only; 1 makes every inference raise (a 500 counted in /metrics) to exercise the
+    error alerts (deploy/prometheus). Keep 0."""
     drain_file: Path | None = None
     """SEGAPP_DRAIN_FILE: while this file exists the instance is draining: /readyz answers 503 `draining`, so that a
     load balancer stops sending to it, and every other route is served as usual. uwsgi/segapp.ini names
@@ -88,6 +91,7 @@ class Settings:
             "default_format": self.default_format not in FORMATS,
             "log_level": self.log_level not in LOG_LEVELS,
             "engine_delay_ms": self.engine_delay_ms < 0,
+            "engine_fault": self.engine_fault not in (0, 1),
         }
         for name, bad in problems.items():
             if bad:
@@ -117,6 +121,7 @@ _HINTS = {
     "model": "a network file",
     "log_level": "one of " + ", ".join(LOG_LEVELS),
     "engine_delay_ms": "a whole number of milliseconds, 0 or more",
+    "engine_fault": "0 or 1",
 }
 
 

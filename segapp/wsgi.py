@@ -44,6 +44,16 @@ class DelayedEngine:
         return self.engine.predict(batch, output)
 
 
+class FailingEngine(DelayedEngine):
+    """An engine whose every prediction raises: SEGAPP_ENGINE_FAULT, for tests of the error alerts."""
+
+    def __init__(self, engine):
+        super().__init__(engine, 0)
+
+    def predict(self, batch, output: int = 0):
+        raise RuntimeError("SEGAPP_ENGINE_FAULT: this engine fails every prediction (test only)")
+
+
 def configure_logging(level: str = "INFO") -> None:
     """Log segapp's lines to stderr at `level`, for servers that configure no logging of their own."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -71,6 +81,8 @@ def make_app(settings: Settings | None = None, segmenter: Segmenter | None = Non
     for served in repository.segmenters():
         if settings.engine_delay_ms and served.engine is not None:
             served.engine = DelayedEngine(served.engine, settings.engine_delay_ms)
+        if settings.engine_fault and served.engine is not None:
+            served.engine = FailingEngine(served.engine)
     metrics = metrics or Metrics.from_env()
     for served in repository.segmenters():
         if served.ready:

@@ -180,6 +180,13 @@ def test_engine_delay_setting_slows_inference(app_for, unloaded_fake_segmenter, 
     assert float(re.search(r"infer;dur=([0-9.]+)", timing).group(1)) >= 60
 
 
+def test_engine_fault_setting_answers_500_and_counts_it(app_for, unloaded_fake_segmenter, make_image):
+    metrics = Metrics()
+    app = app_for(unloaded_fake_segmenter.load(), Settings(engine_fault=1), metrics)
+    assert_json_error(post(app, make_image("PNG", (20, 10)), status=500), 500, "internal_error")
+    assert b'status="500"' in metrics.exposition()[0]
+
+
 # --- other routes -------------------------------------------------------------------------------------------
 
 def test_healthz_answers_ok(app):
