@@ -73,7 +73,8 @@ class Settings:
     log_format: str = "text"
     """SEGAPP_LOG_FORMAT: the access lines, text (for people: `make serve`) or json (one JSON object per request per
     layer, for an operator's tools: the container image). json also makes nginx log JSON (nginx/render.py) and turns
-    uWSGI's own request line off (uwsgi/segapp.ini). Other lines, tracebacks included, stay text."""
+    uWSGI's own request line off (uwsgi/segapp.ini). Other lines, tracebacks included, stay text. Lower case only:
+    uWSGI's ini compares the value as written."""
     engine_delay_ms: int = 0
     """SEGAPP_ENGINE_DELAY_MS: test only; sleep this long in every inference to exercise timeouts. Keep 0."""
     drain_file: Path | None = None
@@ -146,6 +147,4 @@ def _parse(name: str, kind: str, raw: str):
         return Path(raw)
     if name == "default_model":
         return raw
-    if name == "log_format":
-        return raw.lower()
     return raw.upper() if name == "log_level" else raw

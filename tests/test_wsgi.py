@@ -499,10 +499,11 @@ def test_json_access_line_is_the_whole_line_without_time_level_or_name(fake_segm
 
 
 def test_log_format_setting_accepts_text_and_json_only():
-    assert Settings.from_env({"SEGAPP_LOG_FORMAT": "JSON"}).log_format == "json"
+    assert Settings.from_env({"SEGAPP_LOG_FORMAT": "json"}).log_format == "json"
     assert Settings.from_env({}).log_format == "text"
-    with pytest.raises(ValueError, match="SEGAPP_LOG_FORMAT"):
-        Settings.from_env({"SEGAPP_LOG_FORMAT": "xml"})
+    for bad in ("xml", "JSON"):  # lower case only, as uWSGI's ini compares it
+        with pytest.raises(ValueError, match="SEGAPP_LOG_FORMAT"):
+            Settings.from_env({"SEGAPP_LOG_FORMAT": bad})
 
 # --- the app as uWSGI loads it ------------------------------------------------------------------------------
 
