@@ -407,6 +407,18 @@ def test_unexpected_exception_is_500_with_traceback_only_in_log(app_for, failing
     assert "engine exploded" in caplog.text and "Traceback" in caplog.text
 
 
+
+def test_json_access_line_of_a_500_holds_no_traceback(app_for, failing_segmenter, jpeg_500x375, caplog):
+    app = app_for(failing_segmenter, Settings(log_format="json"))
+    with caplog.at_level(logging.INFO, logger="segapp"):
+        post(app, jpeg_500x375, headers={"X-Request-ID": "req-500-json"}, status=500)
+    [access] = [json.loads(r.getMessage()) for r in caplog.records if r.name == "segapp.access"]
+    assert (access["request_id"], access["status"]) == ("req-500-json", 500)
+    assert "exploded" not in json.dumps(access) and "Traceback" not in json.dumps(access)
+    # The traceback is on the error's own line, which stays text.
+    [error] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert error.name != "segapp.access" and error.exc_info[0] is RuntimeError
+
 class BrokenMetrics(Metrics):
     def observe_request(self, *args):
         raise OSError("No space left on device")
