@@ -41,12 +41,14 @@ COPY web/ /opt/segapp/web/
 
 # Everything the stack writes goes to the run folder: mount a tmpfs or an emptyDir there, and the root can be read-only.
 # nginx's access log goes to stderr with uWSGI's (the container's log): in the run folder it would grow with every request.
+# The request lines are JSON (nginx's and the app's, one each, the same request_id) for the platform's log collector.
 ENV VENV=/opt/segapp/venv \
     SEGAPP_RUN_DIR=/run/segapp \
     SEGAPP_ADDRESS=0.0.0.0 \
     SEGAPP_PORT=8080 \
     SEGAPP_DRAIN_SECONDS=0 \
     SEGAPP_NGINX_ACCESS_LOG=/dev/stderr \
+    SEGAPP_LOG_FORMAT=json \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 RUN mkdir -p /run/segapp && chmod 1777 /run/segapp

@@ -2,6 +2,7 @@
 pipeline (decode, network, upsample, PNG) and the serving around it (uWSGI's C side, segapp's request handling).
 
     PATH=$PATH:/usr/sbin .venv/bin/python -m bench.layers [--seconds 20] [--concurrency 8] [--size 500x375]
+                                                          [--log-format text|json]
 
 One stack as `make serve` starts it (2 workers x 1 engine thread, the per-address limits lifted, as one load
 address); wrk posts one photo-like JPEG for `--seconds` at `--concurrency`. The CPU time (utime + stime in
@@ -87,9 +88,9 @@ def pipeline_cpu_ms(image: Path, requests: int) -> float:
     return statistics.median(samples) * 1000
 
 
-def measure(image: Path, seconds: float, concurrency: int) -> dict:
+def measure(image: Path, seconds: float, concurrency: int, log_format: str = "text") -> dict:
     env = {"SEGAPP_PROCESSES": "2", "SEGAPP_THREADS": "1", "SEGAPP_NGINX_RATE": "100000r/s",
-           "SEGAPP_NGINX_BURST": "100000", "SEGAPP_MAX_REQUESTS": "1000000"}
+           "SEGAPP_NGINX_BURST": "100000", "SEGAPP_MAX_REQUESTS": "1000000", "SEGAPP_LOG_FORMAT": log_format}
     with tempfile.TemporaryDirectory(prefix="segapp-layers-") as run_dir, Stack.start(Path(run_dir), env) as stack:
         wrk(stack.url + "/infer", image, concurrency, 3)  # warm-up: both workers, nginx's buffers
         grouped = roles(stack)
@@ -122,17 +123,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--size", default="500x375", help="the JPEG's WIDTHxHEIGHT")
     parser.add_argument("--pipeline-requests", type=int, default=300)
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="SEGAPP_LOG_FORMAT: text, three request lines (nginx, uWSGI, the app); json, two")
     options = parser.parse_args(argv)
     width, height = (int(side) for side in options.size.split("x"))
     with tempfile.TemporaryDirectory(prefix="segapp-layers-image-") as folder:
         image = make_image(Path(folder), width, height)
-        stack = measure(image, options.seconds, options.concurrency)
+        stack = measure(image, options.seconds, options.concurrency, options.log_format)
         pipeline = pipeline_cpu_ms(image, options.pipeline_requests)
     layers = stack["cpu_ms_per_request"]
     layers["workers: pipeline (in-process)"] = round(pipeline, 3)
     layers["workers: the rest (uWSGI, segapp's handling)"] = round(layers["workers"] - pipeline, 3)
     print(json.dumps({"image": options.size, "concurrency": options.concurrency, "seconds": options.seconds,
-                      "nproc": os.cpu_count(), **stack}, indent=1))
+                      "log_format": options.log_format, "nproc": os.cpu_count(), **stack}, indent=1))
 
 
 if __name__ == "__main__":

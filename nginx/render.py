@@ -8,6 +8,7 @@ than start an nginx that listens or limits differently from what was asked:
     unix:/run/segapp/app.sock (3 times)   -> unix:RUN/app.sock
     /var/log/nginx/segapp.access.log      -> access.log under the prefix, or SEGAPP_NGINX_ACCESS_LOG (the image:
                                              /dev/stderr: 157 bytes a request would fill the run folder's tmpfs)
+    access_log ... segapp;                -> ... segapp_json; when SEGAPP_LOG_FORMAT=json (the image)
     rate=300r/s, burst=300                <- SEGAPP_NGINX_RATE (e.g. 5r/s), SEGAPP_NGINX_BURST
     max_conns=32 (twice)                  <- SEGAPP_NGINX_MAX_INFLIGHT (requests at the workers, all clients), halved
     limit_conn segapp_per_client 16;      <- SEGAPP_NGINX_MAX_INFLIGHT_PER_CLIENT (requests in flight, one address)
@@ -93,7 +94,8 @@ def site_substitutions(run_dir: Path, port: int, environ) -> dict[str, str]:
         "listen [::]:80;": "# (IPv6 listen dropped: one address, SEGAPP_ADDRESS)",
         APP_SOCKET: f"unix:{run_dir / 'app.sock'}",
         "access_log /var/log/nginx/segapp.access.log segapp;":
-            f"access_log {_log_path(environ.get('SEGAPP_NGINX_ACCESS_LOG') or 'access.log')} segapp;",
+            f"access_log {_log_path(environ.get('SEGAPP_NGINX_ACCESS_LOG') or 'access.log')} "
+            f"{_log_format(environ.get('SEGAPP_LOG_FORMAT') or 'text')};",
         "root /srv/segapp/web;": f'root "{WEB_ROOT}";',
     }
     if TLSFiles.from_environ(environ):
@@ -213,6 +215,13 @@ def _log_path(raw: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9._/-]+", raw):
         raise RenderError(f"SEGAPP_NGINX_ACCESS_LOG={raw!r}: expected a file path such as access.log or /dev/stderr")
     return raw
+
+
+def _log_format(raw: str) -> str:
+    formats = {"text": "segapp", "json": "segapp_json"}
+    if raw not in formats:
+        raise RenderError(f"SEGAPP_LOG_FORMAT={raw!r}: expected text or json")
+    return formats[raw]
 
 
 def _pem_path(raw: str, name: str, kind: str) -> Path:

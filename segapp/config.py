@@ -21,6 +21,7 @@ RESERVED_ROUTES = ("/", "/healthz", "/readyz", "/metrics", "/v1/model", "/v1/mod
 # segapp.imaging keeps Pillow's process-wide guard, which refuses larger images whatever segapp's own limit says.
 PILLOW_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
 
 
 class SettingsError(ValueError):
@@ -69,6 +70,11 @@ class Settings:
     """SEGAPP_DEFAULT_FORMAT: the answer when the client states no preference: png, json or overlay."""
     log_level: str = "INFO"
     """SEGAPP_LOG_LEVEL: level of the segapp loggers."""
+    log_format: str = "text"
+    """SEGAPP_LOG_FORMAT: the access lines, text (for people: `make serve`) or json (one JSON object per request per
+    layer, for an operator's tools: the container image). json also makes nginx log JSON (nginx/render.py) and turns
+    uWSGI's own request line off (uwsgi/segapp.ini). Other lines, tracebacks included, stay text. Lower case only:
+    uWSGI's ini compares the value as written."""
     engine_delay_ms: int = 0
     """SEGAPP_ENGINE_DELAY_MS: test only; sleep this long in every inference to exercise timeouts. Keep 0."""
     engine_fault: int = 0
@@ -90,6 +96,7 @@ class Settings:
             "decode_cpu_seconds": not 0 < self.decode_cpu_seconds <= 3600,
             "default_format": self.default_format not in FORMATS,
             "log_level": self.log_level not in LOG_LEVELS,
+            "log_format": self.log_format not in LOG_FORMATS,
             "engine_delay_ms": self.engine_delay_ms < 0,
             "engine_fault": self.engine_fault not in (0, 1),
         }
@@ -120,6 +127,7 @@ _HINTS = {
     "default_format": "one of " + ", ".join(FORMATS),
     "model": "a network file",
     "log_level": "one of " + ", ".join(LOG_LEVELS),
+    "log_format": "one of " + ", ".join(LOG_FORMATS),
     "engine_delay_ms": "a whole number of milliseconds, 0 or more",
     "engine_fault": "0 or 1",
 }

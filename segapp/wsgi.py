@@ -16,6 +16,7 @@ import time
 
 from webob.exc import HTTPServiceUnavailable
 
+from segapp.access import send_json_lines_bare
 from segapp.app import SegmentationApp
 from segapp.config import Settings, SettingsError
 from segapp.errors import api_error, render_error, request_id_for
@@ -54,10 +55,13 @@ class FailingEngine(DelayedEngine):
         raise RuntimeError("SEGAPP_ENGINE_FAULT: this engine fails every prediction (test only)")
 
 
-def configure_logging(level: str = "INFO") -> None:
-    """Log segapp's lines to stderr at `level`, for servers that configure no logging of their own."""
+def configure_logging(level: str = "INFO", log_format: str = "text") -> None:
+    """Log segapp's lines to stderr at `level`, for servers that configure no logging of their own. `log_format`
+    json: the access lines (segapp.access) are bare JSON objects; every other line, tracebacks too, stays text."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("segapp").setLevel(level)
+    if log_format == "json":
+        send_json_lines_bare(logging.getLogger("segapp.access"))
 
 
 def make_app(settings: Settings | None = None, segmenter: Segmenter | None = None,
@@ -73,7 +77,7 @@ def make_app(settings: Settings | None = None, segmenter: Segmenter | None = Non
     """
     settings = settings or Settings.from_env()
     if not logging.getLogger().handlers:
-        configure_logging(settings.log_level)
+        configure_logging(settings.log_level, settings.log_format)
     logging.getLogger("segapp").setLevel(settings.log_level)
     if repository is None:
         repository = (ModelRepository.of(segmenter) if segmenter is not None

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from webtest import TestApp, TestRequest
 
+from segapp.access import send_json_lines_bare
 from segapp.config import Settings
 from segapp.metrics import Metrics
 from segapp.wsgi import LazyApplication, make_app
@@ -413,6 +414,18 @@ def test_unexpected_exception_is_500_with_traceback_only_in_log(app_for, failing
     assert "engine exploded" in caplog.text and "Traceback" in caplog.text
 
 
+
+def test_json_access_line_of_a_500_holds_no_traceback(app_for, failing_segmenter, jpeg_500x375, caplog):
+    app = app_for(failing_segmenter, Settings(log_format="json"))
+    with caplog.at_level(logging.INFO, logger="segapp"):
+        post(app, jpeg_500x375, headers={"X-Request-ID": "req-500-json"}, status=500)
+    [access] = [json.loads(r.getMessage()) for r in caplog.records if r.name == "segapp.access"]
+    assert (access["request_id"], access["status"]) == ("req-500-json", 500)
+    assert "exploded" not in json.dumps(access) and "Traceback" not in json.dumps(access)
+    # The traceback is on the error's own line, which stays text.
+    [error] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert error.name != "segapp.access" and error.exc_info[0] is RuntimeError
+
 class BrokenMetrics(Metrics):
     def observe_request(self, *args):
         raise OSError("No space left on device")
@@ -461,6 +474,55 @@ def test_one_access_log_line_per_request(app, jpeg_500x375, caplog):
     assert re.fullmatch(r"POST /infer 200 \d+ [0-9.]+ms request_id=log-me", lines[0])
     assert re.match(r"GET /nope 404 \d+ ", lines[1])
 
+
+
+def test_json_access_line_is_one_object_per_request_with_model_and_timings(app_for, fake_segmenter, jpeg_500x375,
+                                                                           caplog):
+    app = app_for(fake_segmenter, Settings(log_format="json"))
+    with caplog.at_level(logging.INFO, logger="segapp.access"):
+        answer = post(app, jpeg_500x375, headers={"X-Request-ID": "json-me"})
+        app.get("/nope?key=secret", status=404)
+        app.post("/infer", b"not an image", headers={"Content-Type": "image/jpeg"}, status=400)
+    lines = [r.getMessage() for r in caplog.records if r.name == "segapp.access"]
+    assert len(lines) == 3
+    assert all("\n" not in line for line in lines)
+    inference, missing, bad = (json.loads(line) for line in lines)
+    assert inference["layer"] == "app"
+    assert (inference["request_id"], inference["method"], inference["path"], inference["status"]) == (
+        "json-me", "POST", "/infer", 200)
+    assert (inference["bytes_in"], inference["bytes_out"]) == (len(jpeg_500x375), len(answer.body))
+    name, version = answer.headers["X-Model"].rsplit("/", 1)
+    assert (inference["model"], inference["version"]) == (name, version)
+    assert {"decode", "infer", "encode", "total"} <= set(inference["timings_ms"])
+    assert all(ms >= 0 for ms in inference["timings_ms"].values())
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", inference["time"])
+    assert (missing["path"], missing["status"]) == ("/nope", 404)  # the path only: no query values
+    assert "model" not in missing and "secret" not in lines[1]
+    assert bad["status"] == 400 and "model" not in bad
+    # Never the image's bytes, nor a traceback: the line is small whatever the body.
+    assert len(lines[0]) < 600
+
+
+def test_json_access_line_is_the_whole_line_without_time_level_or_name(fake_segmenter, jpeg_500x375):
+    stream = io.StringIO()
+    access = logging.getLogger("segapp.access")
+    saved = access.handlers[:], access.propagate
+    send_json_lines_bare(access, stream)
+    try:
+        app = TestApp(make_app(Settings(log_format="json"), segmenter=fake_segmenter, metrics=Metrics()))
+        post(app, jpeg_500x375, headers={"X-Request-ID": "bare"})
+    finally:
+        access.handlers[:], access.propagate = saved
+    (line,) = stream.getvalue().splitlines()
+    assert line.startswith("{") and json.loads(line)["request_id"] == "bare"
+
+
+def test_log_format_setting_accepts_text_and_json_only():
+    assert Settings.from_env({"SEGAPP_LOG_FORMAT": "json"}).log_format == "json"
+    assert Settings.from_env({}).log_format == "text"
+    for bad in ("xml", "JSON"):  # lower case only, as uWSGI's ini compares it
+        with pytest.raises(ValueError, match="SEGAPP_LOG_FORMAT"):
+            Settings.from_env({"SEGAPP_LOG_FORMAT": bad})
 
 # --- the app as uWSGI loads it ------------------------------------------------------------------------------
 

@@ -48,6 +48,16 @@ def test_nginx_render_refuses_a_malformed_setting(render_nginx, tmp_path):
     assert "SEGAPP_NGINX_RATE" in failure.value.stderr
 
 
+def test_nginx_conf_with_json_logs(nginx_binary, render_nginx, tmp_path):
+    prefix = render_nginx(tmp_path, 18080, SEGAPP_LOG_FORMAT="json")
+    result = nginx_test(nginx_binary, prefix, "nginx.conf")
+    assert result.returncode == 0, result.stderr
+    assert "access_log access.log segapp_json;" in (prefix / "segapp.conf").read_text()
+    with pytest.raises(subprocess.CalledProcessError) as failure:
+        render_nginx(tmp_path, 8080, SEGAPP_LOG_FORMAT="xml")
+    assert "SEGAPP_LOG_FORMAT" in failure.value.stderr
+
+
 def test_nginx_site_file_in_a_debian_like_main_config(nginx_binary, repo_root, tmp_path):
     """segapp.conf as /etc/nginx/sites-enabled/segapp, inside an http {} like Debian's nginx.conf."""
     conf_dir = Path(subprocess.run([nginx_binary, "-V"], capture_output=True, text=True).stderr.split(

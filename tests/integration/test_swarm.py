@@ -217,7 +217,9 @@ def test_a_killed_replica_costs_no_request_and_is_replaced(swarm, photos, record
         (replacement,) = set(swarm.containers()) - set(before)
         # The balancer learns of the new replica from DNS within a second; the load goes on until it has served.
         deadline = time.monotonic() + 60
-        while "POST /infer 200" not in (logs := swarm.docker("logs", replacement)).stdout + logs.stderr:
+        # The image logs JSON (SEGAPP_LOG_FORMAT=json): the app's access line for an answered inference.
+        served = '"method":"POST","path":"/infer","status":200'
+        while served not in (logs := swarm.docker("logs", replacement)).stdout + logs.stderr:
             assert time.monotonic() < deadline, "the replacement replica never served"
             time.sleep(0.5)
         load.wait_for(4 * CLIENTS)
