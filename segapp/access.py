@@ -2,7 +2,7 @@
 (SEGAPP_LOG_FORMAT). It holds what only the app knows (the model and version that answered, the stage timings) and
 never a body, a header's value or a traceback.
 
-    text: POST /infer 200 3166 27.0ms request_id=...
+    text: POST /infer 200 3166 27.0ms request_id=...    (written by segapp.app itself)
     json: {"time": "...", "layer": "app", "request_id": "...", "method": "POST", "path": "/infer", "status": 200, ...}
 """
 
@@ -42,13 +42,6 @@ def access_fields(method: str, path: str, status: int, bytes_in: int, bytes_out:
     # The worker that answered (uWSGI's own request line, which named it, is off in json mode).
     fields["pid"] = os.getpid()
     return fields
-
-
-def text_line(fields: dict) -> str:
-    """The line uWSGI's log has carried since the start: method, path, status, bytes out, time, request ID."""
-    total = fields["timings_ms"].get("total", 0.0)
-    return (f"{fields['method']} {fields['path']} {fields['status']} {fields['bytes_out']} {total:.1f}ms "
-            f"request_id={fields['request_id']}")
 
 
 def json_line(fields: dict) -> str:

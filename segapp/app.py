@@ -29,7 +29,7 @@ from webob.exc import (
     HTTPServiceUnavailable,
 )
 
-from segapp.access import access_fields, json_line, text_line
+from segapp.access import access_fields, json_line
 from segapp.answers import json_response, model_summary
 from segapp.config import Settings
 from segapp.errors import api_error, render_error, request_id_for
@@ -200,11 +200,15 @@ class SegmentationApp:
         self.metrics.observe_request(route, method, response.status_code, elapsed)
         if path is None:  # not UTF-8: logged with its bytes escaped
             path = request.environ.get("PATH_INFO", "").encode("latin-1", "replace").decode("utf-8", "backslashreplace")
-        fields = access_fields(
-            method, path, response.status_code, request.content_length or 0, response.content_length or 0,
-            request_id, response.headers, request.environ.get("REMOTE_ADDR"),
-        )
-        access_log.info(json_line(fields) if self.settings.log_format == "json" else text_line(fields))
+        if self.settings.log_format == "json":
+            fields = access_fields(
+                method, path, response.status_code, request.content_length or 0, response.content_length or 0,
+                request_id, response.headers, request.environ.get("REMOTE_ADDR"),
+            )
+            access_log.info("%s", json_line(fields))
+        else:  # the default: no fields gathered, no Server-Timing read back, on every request
+            access_log.info("%s %s %d %d %.1fms request_id=%s", method, path, response.status_code,
+                            response.content_length or 0, elapsed * 1000, request_id)
 
 
 def request_path(environ: dict) -> str | None:

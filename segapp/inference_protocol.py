@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from webob.exc import (
-    HTTPNotFound,
     HTTPRequestEntityTooLarge,
     HTTPUnsupportedMediaType,
     WSGIHTTPException,
@@ -47,7 +46,6 @@ from webob.exc import (
 from segapp.errors import api_error, image_error
 from segapp.imaging import CpuBudget, ImageError, image_size
 from segapp.inference import Segmentation, Segmenter
-from segapp.repository import ModelRepository, UnknownModel
 from segapp.tensors import (
     HEADER_LENGTH,
     bad_request,
@@ -108,19 +106,11 @@ class InferenceAnswer:
 
 
 class InferenceProtocol:
-    """The protocol's view of a model repository: model metadata, request parsing, inference and answers."""
+    """The protocol's model metadata, request parsing, inference and answers, for the segmenter a route names."""
 
-    def __init__(self, repository: ModelRepository, max_pixels: int, clock=time.perf_counter):
-        self.repository = repository
+    def __init__(self, max_pixels: int, clock=time.perf_counter):
         self.max_pixels = max_pixels
         self.clock = clock
-
-    def model(self, name: str, version: str | None) -> Segmenter:
-        """The segmenter of model `name` (and `version`, when given); 404 naming what is served."""
-        try:
-            return self.repository.get(name, version)
-        except UnknownModel as error:
-            raise api_error(HTTPNotFound, error.code, str(error)) from None
 
     @staticmethod
     def metadata(segmenter: Segmenter, versions: list[str]) -> dict:

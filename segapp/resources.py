@@ -35,6 +35,14 @@ class Resource:
     def _require_ready(self) -> None:
         require_ready(self.repository)
 
+    def _served(self, name: str | None, version: str | None) -> Segmenter:
+        """The segmenter of model `name` (default: the default model), `version` (default: its highest served);
+        404 naming what is served."""
+        try:
+            return self.repository.get(name, version)
+        except UnknownModel as error:
+            raise api_error(HTTPNotFound, error.code, str(error)) from None
+
 
 def require_ready(repository: ModelRepository) -> None:
     """503 `not_ready` until the default model is loaded and warm."""
@@ -71,11 +79,7 @@ class ModelResource(Resource):
     def _model_asked(self, request: Request) -> Segmenter:
         """The segmenter of ?model= and ?version= (default: the default model, its highest served version); the
         query string was read as UTF-8 by `choose_format` before."""
-        name, version = request.GET.get("model"), request.GET.get("version")
-        try:
-            return self.repository.get(name, version)
-        except UnknownModel as error:
-            raise api_error(HTTPNotFound, error.code, str(error)) from None
+        return self._served(request.GET.get("model"), request.GET.get("version"))
 
     def _check_cutout(self, data: bytes, segmenter: Segmenter) -> None:
         """413 from the image's header, before it is decoded, when its cutout would be over MAX_CUTOUT_PIXELS."""
@@ -122,7 +126,7 @@ class ProtocolResource(Resource):
                  clock=time.perf_counter):
         super().__init__(settings, repository, metrics, clock)
         self.check_ready = check_ready
-        self.protocol = InferenceProtocol(repository, settings.max_pixels, clock)
+        self.protocol = InferenceProtocol(settings.max_pixels, clock)
 
     def on_v2_server(self, request: Request) -> Response:
         """Open Inference Protocol server metadata: name, version, extensions."""
@@ -140,14 +144,14 @@ class ProtocolResource(Resource):
     def on_v2_model(self, request: Request, name: str, version: str | None) -> Response:
         """Open Inference Protocol model metadata: the input and outputs, their datatypes and shapes."""
         self._require_ready()
-        segmenter = self.protocol.model(name, version)
+        segmenter = self._served(name, version)
         served = [entry.version for entry in self.repository.models[name].served]
         return json_response(self.protocol.metadata(segmenter, [version] if version else served))
 
     def on_v2_model_ready(self, request: Request, name: str, version: str | None) -> Response:
         """Open Inference Protocol model readiness: 200 once the model is loaded, 503 before."""
         self._require_ready()
-        self.protocol.model(name, version)
+        self._served(name, version)
         return json_response({"name": name, "ready": True})
 
     def on_v2_index(self, request: Request) -> Response:
@@ -167,7 +171,7 @@ class ProtocolResource(Resource):
         # The body first, within the limit: answering with it unread would reset the socket under nginx.
         body = read_body(request.environ, self.settings.max_body_bytes)
         self._require_ready()
-        segmenter = self.protocol.model(name, version)
+        segmenter = self._served(name, version)
         header_length = request.environ.get("HTTP_" + HEADER_LENGTH.upper().replace("-", "_"))
         parsed = self.protocol.parse(body, request.content_type.lower(), header_length)
         answer = self.protocol.answer(segmenter, parsed, self.protocol.infer(segmenter, parsed))
