@@ -20,6 +20,10 @@ than start an nginx that listens or limits differently from what was asked:
     # TLS: off                            <- SEGAPP_TLS_CERT and SEGAPP_TLS_KEY (PEM files, both or neither):
                                              include tls.conf; (nginx/tls.conf with their paths) and
                                              listen ADDRESS:PORT ssl http2;
+    # key ...: none (the maps, zones,     <- SEGAPP_API_KEYS_FILE (segapp/keys.py): the key check and each key's
+      limits and checks of API keys)         limits; uwsgi/local.ini runs this again when the file changes
+
+`--site FILE` writes only segapp.conf with the API keys' lines, for Debian's nginx (docs/operations.md, "API keys").
 
 Standard library only: it runs before the virtual environment is known. Usage:
     python3 nginx/render.py --run-dir RUN --port 8080
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import os
 import pwd
 import re
@@ -39,12 +44,18 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# segapp/keys.py reads the keys file; it needs only the standard library, so this runs before the venv is known.
+sys.path.insert(0, str(HERE.parent))
+from segapp import keys  # noqa: E402
+
 WEB_ROOT = HERE.parent / "web"
 SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 APP_SOCKET = "unix:/run/segapp/app.sock"
 # Literals that occur more than once in segapp.conf; every other literal occurs exactly once.
-OCCURRENCES = {APP_SOCKET: 3}
+OCCURRENCES = {APP_SOCKET: 3, "        # key check: none": 3}
+# Requests that claim no key of the file, from one address: a few a second, after a first handful at once.
+GUESS_RATE, GUESS_BURST = "2r/s", 10
 # The DER of the OCSP access method's OID (1.3.6.1.5.5.7.48.1), which a certificate holds only in its Authority
 # Information Access extension when it names an OCSP responder. (1.3.6.1.5.5.7.48.1.5, OCSP no-check, encodes
 # with length 9, not 8.)
@@ -81,6 +92,54 @@ class TLSFiles:
             else "# (no stapling: the certificate names no OCSP responder)",
         }
         return render_site(text, subs, "tls.conf")
+
+
+def key_substitutions(environ) -> dict[str, str]:
+    """The API keys' lines of segapp.conf from SEGAPP_API_KEYS_FILE (none when it is unset)."""
+    path = environ.get("SEGAPP_API_KEYS_FILE")
+    if not path:
+        return {}
+    try:
+        ring = keys.KeyRing.read(Path(path))
+    except keys.KeyFileError as error:
+        raise RenderError(f"SEGAPP_API_KEYS_FILE: {error}") from None
+    limits = {key.name: ring.limits(key) for key in ring.keys}
+    rates = sorted({limit.rate for limit in limits.values()} | {ring.default.rate})
+    bounds = sorted({limit.inflight for limit in limits.values()} | {ring.default.inflight})
+    zones, location = [], [f"limit_req zone=segapp_key_guesses burst={GUESS_BURST} nodelay;"]
+    for kind, values, of in (("rate", rates, "rate"), ("inflight", bounds, "inflight")):
+        for index, value in enumerate(values):
+            variable = f"segapp_key_{kind}_{index}"
+            names = "".join(f"    {name} {name};\n" for name, limit in limits.items() if getattr(limit, of) == value)
+            zones.append(f"map $segapp_key_name ${variable} {{\n    default \"\";\n{names}}}")
+            if kind == "rate":
+                zones.append(f"limit_req_zone ${variable} zone={variable}:1m rate={value};")
+                location.append(f"limit_req zone={variable} burst={keys.Limits(rate=value).burst} nodelay;")
+            else:
+                zones.append(f"limit_conn_zone ${variable} zone={variable}:1m;")
+                location.append(f"limit_conn {variable} {value};")
+    zones.append(f"limit_req_zone $segapp_key_guess zone=segapp_key_guesses:10m rate={GUESS_RATE};")
+    check = f"limit_req zone=segapp_key_guesses burst={GUESS_BURST} nodelay;\n        auth_request /.segapp/key;"
+    guess = "too many requests without a valid API key from your address; retry later"
+    return {
+        "    # key IDs: none": f'    "~^[Bb][Ee][Aa][Rr][Ee][Rr] +{keys.PREFIX}_([a-z0-9]{{8}})_" $1;',
+        "    # key names: none": "\n".join(f"    {key.key_id} {key.name};" for key in ring.keys) or "    # (no keys)",
+        "    # key guesses: none": '    "" $binary_remote_addr;',
+        "    # key limit texts: none": "\n".join(
+            f'    {name} "; the key {name} allows {limit.describe()}";' for name, limit in limits.items()
+        ) or "    # (no keys)",
+        "# key zones: none": "\n".join(zones),
+        "        # key limits: none": "\n        ".join(location + ["auth_request /.segapp/key;"]),
+        "        # key check: none": "        " + check,
+        "            # key guess 429: none": _if_guess(json.dumps(
+            {"error": {"code": "rate_limited", "message": guess, "request_id": "$segapp_request_id"}})),
+        "            # key guess 429 v2: none": _if_guess(json.dumps({"error": guess})),
+    }
+
+
+def _if_guess(body: str) -> str:
+    """The 429 page's answer to a request that claims no key of the file (the guesses' zone refused it)."""
+    return "            if ($segapp_key_guess) {\n                return 429 '" + body + "\\n';\n            }"
 
 
 class RenderError(ValueError):
@@ -175,6 +234,8 @@ def render(run_dir: Path, port: int, user: str | None = None, environ=os.environ
     out = run_dir / "nginx"
     (out / "tmp").mkdir(parents=True, exist_ok=True)
     site = render_site((HERE / "segapp.conf").read_text(), site_substitutions(run_dir, port, environ))
+    # After the others: the keys' lines hold literals (a rate, a burst) that those rewrite.
+    site = render_site(site, key_substitutions(environ))
     (out / "segapp.conf").write_text(site)
     tls = TLSFiles.from_environ(environ)
     (out / "tls.conf").unlink(missing_ok=True)
@@ -245,10 +306,21 @@ def _whole(raw: str, name: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run-dir", type=Path, required=True, help="the run folder (socket, pid, temp files)")
+    parser.add_argument("--run-dir", type=Path, help="the run folder (socket, pid, temp files)")
     parser.add_argument("--port", type=int, default=8080, help="the loopback port nginx listens on")
     parser.add_argument("--user", nargs=2, metavar=("USER", "GROUP"), help="nginx's worker user when started as root")
+    parser.add_argument("--site", type=Path, help="write only segapp.conf with the API keys' lines here, and stop")
     args = parser.parse_args(argv)
+    if args.site:
+        try:
+            args.site.write_text(render_site((HERE / "segapp.conf").read_text(), key_substitutions(os.environ)))
+        except (RenderError, OSError) as error:
+            print(f"nginx/render.py: {error}", file=sys.stderr)
+            return 1
+        print(f"nginx/render.py: wrote {args.site}", file=sys.stderr)
+        return 0
+    if args.run_dir is None:
+        parser.error("--run-dir is required (or --site)")
     # uWSGI spawns nginx after it drops to its uid: nginx's master is root only when that uid is root too.
     user = " ".join(args.user) if args.user and os.geteuid() == 0 and _uid(args.user[0]) == 0 else None
     try:

@@ -20,9 +20,9 @@ _TIMING = re.compile(r"([A-Za-z0-9_-]+);dur=([0-9.]+)")
 
 
 def access_fields(method: str, path: str, status: int, bytes_in: int, bytes_out: int, request_id: str,
-                  headers, client: str | None) -> dict:
+                  headers, client: str | None, key: str | None = None) -> dict:
     """The fields of one access line. `headers`: the answer's, read for X-Model ("name/version") and Server-Timing
-    (milliseconds per stage, "total" the whole request in the app)."""
+    (milliseconds per stage, "total" the whole request in the app). `key`: the API key's name nginx accepted."""
     fields = {
         "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
         "layer": "app",
@@ -34,6 +34,8 @@ def access_fields(method: str, path: str, status: int, bytes_in: int, bytes_out:
         "bytes_in": bytes_in,
         "bytes_out": bytes_out,
     }
+    if key:
+        fields["key"] = key
     model = headers.get("X-Model")
     if model:
         name, _, version = model.rpartition("/")

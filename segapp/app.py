@@ -7,6 +7,8 @@ framework.
     GET  /v1/models[/NAME[/versions/N]]  the repository: models, versions, states, cards
     GET  /v1/model    the default model's card  GET /metrics  Prometheus text format
     GET  /openapi.json  the OpenAPI 3.1 description of these routes (segapp/openapi.yaml)
+    GET  /.segapp/key   with SEGAPP_API_KEYS_FILE: nginx's check of a request's API key (auth_request), 204 naming
+                      the key or 401; never reached by clients (nginx's location is internal)
     /v2/...           the Open Inference Protocol (KServe v2): segapp.inference_protocol lists its routes
 
 `SegmentationApp(settings, repository, metrics)` is the app; segapp.wsgi builds it (`make_app`) and holds what uWSGI
@@ -27,6 +29,7 @@ from webob.exc import (
     HTTPMethodNotAllowed,
     HTTPNotFound,
     HTTPServiceUnavailable,
+    HTTPUnauthorized,
 )
 
 from segapp.access import access_fields, json_line
@@ -34,6 +37,7 @@ from segapp.answers import json_response, model_summary
 from segapp.config import Settings
 from segapp.errors import api_error, render_error, request_id_for
 from segapp.inference_protocol import protocol_error_body
+from segapp.keys import KeyFile
 from segapp.metrics import Metrics
 from segapp.openapi import description_json
 from segapp.repository import ModelRepository
@@ -49,6 +53,8 @@ _READ_METHODS = ("GET", "HEAD")
 # A model's routes in the Open Inference Protocol: /v2/models/{name}, optionally /versions/{version}, then more.
 _V2_MODEL = r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?"
 _V1_MODEL = r"/v1/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?"
+# nginx asks the app here whether a request's key is valid (nginx/segapp.conf, auth_request), before it reads a body.
+KEY_CHECK_PATH = "/.segapp/key"
 
 
 class SegmentationApp:
@@ -58,11 +64,13 @@ class SegmentationApp:
     exception rendered as JSON at one place; nothing raises out of `__call__`.
     """
 
-    def __init__(self, settings: Settings, repository: ModelRepository, metrics: Metrics, clock=time.perf_counter):
+    def __init__(self, settings: Settings, repository: ModelRepository, metrics: Metrics, clock=time.perf_counter,
+                 keys: KeyFile | None = None):
         self.settings = settings
         self.repository = repository
         self.metrics = metrics
         self.clock = clock
+        self.keys = keys
         resources = (self, ModelResource(settings, repository, metrics, clock),
                      ProtocolResource(settings, repository, metrics, self.on_readyz, clock))
         # endpoint -> its resource's on_<endpoint> handler
@@ -93,6 +101,8 @@ class SegmentationApp:
 
     def __call__(self, environ, start_response):
         started = self.clock()
+        if self.keys is not None and environ.get("PATH_INFO") == KEY_CHECK_PATH:
+            return self.check_key(environ)(environ, start_response)
         request = Request(environ)
         request_id = request_id_for(environ.get("HTTP_X_REQUEST_ID"))
         path = request_path(environ)
@@ -124,6 +134,24 @@ class SegmentationApp:
         except Exception:  # metrics or a log handler failing must not cost the client its answer
             log.exception("could not record request_id=%s", request_id)
         return response(environ, start_response)
+
+    def check_key(self, environ) -> Response:
+        """nginx's question, for a request it has not read the body of: is its Authorization a key of the keys
+        file? 204 with X-Segapp-Key (the key's name) or 401 with WWW-Authenticate (RFC 6750), which nginx passes on.
+        Neither is counted as a request nor logged as one: the request it checks is."""
+        authorization = environ.get("HTTP_AUTHORIZATION")
+        key = self.keys.current().check(authorization)
+        self.metrics.key_checks.labels("accepted" if key else "refused" if authorization else "missing").inc()
+        if key:
+            response = Response(status=204)
+            response.headers["X-Segapp-Key"] = key.name
+            return response
+        challenge = 'Bearer realm="segapp"' + (', error="invalid_token"' if authorization else "")
+        error = api_error(HTTPUnauthorized, "unauthorized", "this route needs an API key: Authorization: Bearer <key>"
+                          if not authorization else "the API key is not valid: unknown, revoked or mistyped")
+        response = render_error(error, request_id_for(environ.get("HTTP_X_REQUEST_ID")))
+        response.headers["WWW-Authenticate"] = challenge
+        return response
 
     def route(self, path: str) -> tuple[str | None, str, tuple[str, ...], dict[str, str]]:
         """(endpoint, route template, methods allowed, path parameters) for `path`; endpoint None when none."""
@@ -198,12 +226,17 @@ class SegmentationApp:
         route = "other" if path is None else self.route(path)[1]
         method = request.method if request.method in _METHOD_LABELS else "other"
         self.metrics.observe_request(route, method, response.status_code, elapsed)
+        # nginx names the key it accepted (X-Segapp-Key); a name not in the file is counted as "other".
+        key = request.environ.get("HTTP_X_SEGAPP_KEY")
+        if key and self.keys is not None:
+            known = any(key == entry.name for entry in self.keys.current().keys)
+            self.metrics.key_requests.labels(key if known else "other", str(response.status_code)).inc()
         if path is None:  # not UTF-8: logged with its bytes escaped
             path = request.environ.get("PATH_INFO", "").encode("latin-1", "replace").decode("utf-8", "backslashreplace")
         if self.settings.log_format == "json":
             fields = access_fields(
                 method, path, response.status_code, request.content_length or 0, response.content_length or 0,
-                request_id, response.headers, request.environ.get("REMOTE_ADDR"),
+                request_id, response.headers, request.environ.get("REMOTE_ADDR"), key,
             )
             access_log.info("%s", json_line(fields))
         else:  # the default: no fields gathered, no Server-Timing read back, on every request

@@ -80,6 +80,10 @@ class Settings:
     engine_fault: int = 0
     """SEGAPP_ENGINE_FAULT: test only; 1 makes every inference raise (a 500 counted in /metrics) to exercise the
     error alerts (deploy/prometheus). Keep 0."""
+    api_keys_file: Path | None = None
+    """SEGAPP_API_KEYS_FILE: when set, the inference, model and metrics routes take only requests with
+    `Authorization: Bearer <key>` of a key in this file (segapp/keys.py, `segapp-keys`), checked by nginx before it
+    reads a body (nginx/render.py); the probes and the page do not. Read again whenever it changes."""
     drain_file: Path | None = None
     """SEGAPP_DRAIN_FILE: while this file exists the instance is draining: /readyz answers 503 `draining`, so that a
     load balancer stops sending to it, and every other route is served as usual. uwsgi/segapp.ini names

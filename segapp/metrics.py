@@ -82,6 +82,15 @@ class Metrics:
             "segapp_image_pixels", "Pixels (width x height) of each image segmented, by model and version.",
             ("model", "version"), buckets=PIXEL_BUCKETS, registry=registry,
         )
+        # By key name, never the key: the names come from the keys file, so the label's values are bounded by it.
+        self.key_requests = Counter(
+            "segapp_key_requests", "Requests answered by the app with an API key, by the key's name and status.",
+            ("key", "status"), registry=registry,
+        )
+        self.key_checks = Counter(
+            "segapp_key_checks", "API key checks made for nginx, by result: accepted, missing (no Bearer key) or "
+            "refused (not a key here).", ("result",), registry=registry,
+        )
         self.in_flight = Gauge(
             "segapp_requests_in_flight", "Requests being handled now.",
             registry=registry, multiprocess_mode="livesum",

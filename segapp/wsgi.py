@@ -21,6 +21,7 @@ from segapp.app import SegmentationApp
 from segapp.config import Settings, SettingsError
 from segapp.errors import api_error, render_error, request_id_for
 from segapp.inference import Segmenter
+from segapp.keys import KeyFile, KeyFileError
 from segapp.metrics import Metrics
 from segapp.repository import ModelLoadError, ModelRepository
 
@@ -91,7 +92,9 @@ def make_app(settings: Settings | None = None, segmenter: Segmenter | None = Non
     for served in repository.segmenters():
         if served.ready:
             metrics.set_model(served.card)
-    return SegmentationApp(settings, repository, metrics)
+    # A keys file that cannot be read stops the start (KeyFileError), like a model that cannot load.
+    keys = KeyFile(settings.api_keys_file) if settings.api_keys_file else None
+    return SegmentationApp(settings, repository, metrics, keys=keys)
 
 
 def load_models(settings: Settings, strict: bool = True, served_default: str | None = None) -> ModelRepository:
@@ -156,7 +159,7 @@ def _uwsgi_worker_application() -> SegmentationApp:
         loaded = settings.loaded_file
         served_default = loaded.read_text().strip() or None if loaded and loaded.exists() else None
         app = make_app(settings, strict=not (loaded and loaded.exists()), served_default=served_default)
-    except (ModelLoadError, SettingsError) as error:
+    except (ModelLoadError, SettingsError, KeyFileError) as error:
         # One line, no traceback: this is the operator's mistake, not the program's.
         log.critical("cannot start: %s", error)
         sys.exit(_FAILED_APP_STATUS)
