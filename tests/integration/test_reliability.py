@@ -28,11 +28,13 @@ class RequestStream:
     """Clients POSTing an image in a loop on threads of their own; counts answers by status (or exception name).
 
     `models`: query string -> the X-Model that must answer it ("*": any); each client takes them in turn. An answer
-    counts as failed unless it is a 200 from that model.
+    counts as failed unless it is a 200 from that model. `headers` go with every request, from address `source`.
     """
 
-    def __init__(self, stack, image: bytes, clients: int = 2, models: dict[str, str] | None = None):
+    def __init__(self, stack, image: bytes, clients: int = 2, models: dict[str, str] | None = None,
+                 headers: dict[str, str] | None = None, source: str = "127.0.0.1"):
         self.stack, self.image = stack, image
+        self.headers, self.source = headers, source
         self.models = list((models or {"": "*"}).items())
         self.sent = 0  # counted before each request goes out
         self.outcomes: list[str] = []
@@ -58,7 +60,7 @@ class RequestStream:
             with self._lock:
                 self.sent += 1
             try:
-                answer = self.stack.infer(self.image, query, timeout=60)
+                answer = self.stack.infer(self.image, query, self.headers, timeout=60, source=self.source)
                 outcome = str(answer.status)
                 if outcome == "200" and model not in ("*", answer.headers.get("X-Model")):
                     outcome = f"200 from {answer.headers.get('X-Model')}, not {model}"
