@@ -1,5 +1,5 @@
 """API keys without a server: the keys file (segapp/keys.py), `segapp-keys`, the app's answer to nginx's key check
-(WebTest), and the nginx lines nginx/render.py writes from the file. Through nginx: tests/integration/test_api_keys.py."""
+(WebTest), and the nginx lines nginx/render.py writes from the file. Through nginx: integration/test_api_keys.py."""
 
 from __future__ import annotations
 
