@@ -19,8 +19,10 @@ import numpy as np
 LUA = Path(__file__).with_name("post_image.lua")
 
 
-def wrk(url: str, image: Path, concurrency: int, seconds: float, timeout_s: float = 10.0) -> dict:
-    """One wrk run: requests/s, latency percentiles in ms, answers by status, socket errors."""
+def wrk(url: str, image: Path, concurrency: int, seconds: float, timeout_s: float = 10.0,
+        authorization: str | None = None) -> dict:
+    """One wrk run: requests/s, latency percentiles in ms, answers by status, socket errors. `authorization`: the
+    Authorization header of every request (an API key)."""
     command = [
         "wrk",
         f"-c{concurrency}",
@@ -32,7 +34,7 @@ def wrk(url: str, image: Path, concurrency: int, seconds: float, timeout_s: floa
         str(LUA),
         url,
     ]
-    env = {**os.environ, "SEGAPP_BENCH_IMAGE": str(image)}
+    env = {**os.environ, "SEGAPP_BENCH_IMAGE": str(image), "SEGAPP_BENCH_AUTHORIZATION": authorization or ""}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=seconds + 60)
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")

@@ -5,6 +5,11 @@ wrk.method = "POST"
 wrk.body = file:read("*a")
 file:close()
 wrk.headers["Content-Type"] = "image/jpeg"
+-- an API key's header (SEGAPP_BENCH_AUTHORIZATION: "Bearer sgk_...") when the stack asks for one
+local authorization = os.getenv("SEGAPP_BENCH_AUTHORIZATION")
+if authorization and authorization ~= "" then
+  wrk.headers["Authorization"] = authorization
+end
 
 local threads = {}
 
