@@ -37,6 +37,8 @@ RUN apt-get update \
 COPY --from=builder /opt/segapp/venv /opt/segapp/venv
 COPY uwsgi/ /opt/segapp/uwsgi/
 COPY nginx/ /opt/segapp/nginx/
+# nginx/render.py reads API keys files with segapp/keys.py (standard library only) under the system python3.
+COPY segapp/__init__.py segapp/keys.py /opt/segapp/segapp/
 COPY web/ /opt/segapp/web/
 
 # Everything the stack writes goes to the run folder: mount a tmpfs or an emptyDir there, and the root can be read-only.
@@ -59,8 +61,10 @@ WORKDIR /opt/segapp
 # uwsgi/serve: SIGTERM (docker stop) drains for SEGAPP_DRAIN_SECONDS, then uWSGI lets requests in flight finish and
 # stops its workers and nginx; workers default to the CPUs the container may use (its cgroup quota).
 ENTRYPOINT ["/opt/segapp/uwsgi/serve"]
+# Over HTTPS when the container is given a certificate (plain HTTP would be redirected), not verified: this
+# container's own server, by address.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
-    CMD ["/opt/segapp/venv/bin/python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/readyz', timeout=2)"]
+    CMD ["/opt/segapp/venv/bin/python", "-c", "import os, ssl, urllib.request; tls = os.environ.get('SEGAPP_TLS_CERT'); urllib.request.urlopen(('https' if tls else 'http') + '://127.0.0.1:8080/readyz', timeout=2, context=ssl._create_unverified_context())"]
 
 ARG VERSION=unknown
 ARG MODEL_VERSION=unknown

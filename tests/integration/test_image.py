@@ -5,28 +5,35 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+import ssl
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from bench.stack import Endpoint, free_port
+from segapp import keys
 from segapp.contract import read_card
 from segapp.inference import SHIPPED_MODEL, card_path
 from segapp.openapi import load_description
+from tests.integration.test_tls import TestCA
 
 pytestmark = pytest.mark.integration
 
 HARDENED = ("--read-only", "--tmpfs", "/run/segapp", "--user", "12345", "--cap-drop", "ALL")
 
 
-def run_segapp(docker, image: str, *options: str) -> tuple[str, Endpoint, float]:
-    """Start the image with `options`, port 8080 published on loopback; (container, endpoint, seconds to /readyz)."""
+def run_segapp(docker, image: str, *options: str, tls: ssl.SSLContext | None = None) -> tuple[str, Endpoint, float]:
+    """Start the image with `options`, port 8080 published on loopback; (container, endpoint, seconds to /readyz).
+    `tls`: the client context of a container given a certificate."""
     port = free_port()
     started = time.monotonic()
     container = docker.run_container(image, "--publish", f"127.0.0.1:{port}:8080", *options)
-    endpoint = Endpoint(port)
+    endpoint = Endpoint(port, tls=tls)
     deadline = started + 120
     while True:
         try:
@@ -88,12 +95,33 @@ def test_image_labels_and_its_healthcheck(docker, image):
         assert labels[f"org.opencontainers.image.{key}"] not in ("", "unknown"), key
     assert "/readyz" in " ".join(config["Healthcheck"]["Test"])
     assert config["User"] != "" and not config["User"].startswith("0")
-    # The image's own probe, run more often than its default 10 s, makes Docker call the container healthy.
-    container, _, _ = run_segapp(docker, image, *HARDENED, "--health-interval", "1s", "--health-start-period", "0s")
-    deadline = time.monotonic() + 60
-    while (health := docker.json("inspect", container)[0]["State"]["Health"]["Status"]) != "healthy":
-        assert health != "unhealthy" and time.monotonic() < deadline, health
-        time.sleep(0.5)
+    # Given a certificate and API keys as docs/deploy.md says (a folder mounted read-only, named by the variables),
+    # the container serves HTTPS and asks for a key; the image's own probe, run more often than its default 10 s,
+    # still makes Docker call it healthy (over HTTPS: plain HTTP is redirected).
+    folder = Path(tempfile.mkdtemp(prefix="segapp-image-secrets-"))
+    folder.chmod(0o755)
+    try:
+        authority = TestCA(folder)
+        authority.install(serial=2001)
+        key_id, key = keys.new_key()
+        (folder / "keys").write_text(keys.KeyRing([keys.Key("ops", key_id, keys.digest(key))]).text())
+        (folder / "keys").chmod(0o644)
+        container, endpoint, _ = run_segapp(
+            docker, image, *HARDENED, "--health-interval", "1s", "--health-start-period", "0s",
+            "--volume", f"{folder}:/secrets:ro", "--env", "SEGAPP_TLS_CERT=/secrets/server.pem",
+            "--env", "SEGAPP_TLS_KEY=/secrets/server.key", "--env", "SEGAPP_API_KEYS_FILE=/secrets/keys",
+            tls=authority.client_context())
+        deadline = time.monotonic() + 60
+        while (health := docker.json("inspect", container)[0]["State"]["Health"]["Status"]) != "healthy":
+            assert health != "unhealthy" and time.monotonic() < deadline, health
+            time.sleep(0.5)
+        image_bytes = jpeg_of(320, 200)
+        assert endpoint.request("POST", "/infer", image_bytes, {"Content-Type": "image/jpeg"}).status == 401
+        answer = endpoint.request("POST", "/infer", image_bytes, {"Content-Type": "image/jpeg",
+                                                                  "Authorization": f"Bearer {key}"})
+        assert answer.status == 200 and answer.body.startswith(b"\x89PNG")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_workers_follow_the_cpu_quota_and_settings_come_from_the_environment(docker, image):
