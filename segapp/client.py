@@ -9,7 +9,9 @@ NAME.cutout.png, from the server's default model or the one --model names. A 429
 503 is asked again after the server's Retry-After, a lost connection or a 502 or 504 after a short back-off, up to
 --retries times. Every failed image gets one line on stderr with its reason, in the order of the inputs; with several
 images a summary line ends the run, and the exit status is 1 when any image failed. With a terminal, a progress bar
-runs on stderr. Standard library only, so it runs from any Python 3.10+ without the server's dependencies.
+runs on stderr. With --api-key (or SEGAPP_API_KEY) every request carries `Authorization: Bearer KEY`; a 401 ends the
+run at once with one line that says how to give a key, since every other image would be refused the same. The key
+itself is never printed. Standard library only, so it runs from any Python 3.10+ without the server's dependencies.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import email.utils
 import http.client
 import json
 import mimetypes
+import os
+import re
 import sys
 import threading
 import time
@@ -27,9 +31,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -40,6 +44,9 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 # (502, 504). Inference has no side effects, so asking again is safe. A 500 is the app failing on this image: the
 # same image fails again.
 RETRY_STATUSES = (429, 502, 503, 504)
+# An API key goes into a header line: visible ASCII only, so that a stray space or line break is a usage error here
+# rather than a refusal from http.client deep in a worker thread.
+KEY_CHARACTERS = re.compile(r"[!-~]+")
 
 
 @dataclass(frozen=True)
@@ -51,16 +58,20 @@ class Outcome:
     target: Path | None
     error: str | None = None
     retried: tuple[str, ...] = ()
+    unauthorized: bool = False
+    """The server answered 401: no key, or not one it takes."""
 
 
 @dataclass(frozen=True)
 class Retrying:
-    """How often to ask again (`retries` after the first try) and how long to wait between tries."""
+    """How often to ask again (`retries` after the first try) and how long to wait between tries; once `stopped` is
+    set (the run is over), never again."""
 
     retries: int = 5
     max_wait: float = 30.0
     sleep: Callable[[float], None] = time.sleep
     now: Callable[[], float] = time.time
+    stopped: threading.Event = field(default_factory=threading.Event)
 
     def delay(self, retry_after: str | None, attempt: int) -> float:
         """Seconds before try `attempt` + 1: the server's Retry-After (seconds or a date), else 0.5, 1, 2 ... s;
@@ -139,9 +150,9 @@ def expand_inputs(paths: list[Path]) -> list[Path]:
 
 
 def segment_file(source: Path, target: Path, url: str, fmt: str, timeout: float, retrying: Retrying = Retrying(),
-                 throttle: Throttle | None = None, model: str | None = None) -> Outcome:
-    """POST `source` to `url`/infer (of `model`, default the server's) and write the answer to `target`, asking again
-    as `retrying` allows."""
+                 throttle: Throttle | None = None, model: str | None = None, api_key: str | None = None) -> Outcome:
+    """POST `source` to `url`/infer (of `model`, default the server's), with `api_key` as its bearer token, and write
+    the answer to `target`, asking again as `retrying` allows."""
     try:
         data = source.read_bytes()
     except OSError as error:
@@ -155,6 +166,9 @@ def segment_file(source: Path, target: Path, url: str, fmt: str, timeout: float,
         method="POST",
         headers={"Content-Type": content_type, "Accept": ACCEPT[fmt], "User-Agent": "segapp-client"},
     )
+    if api_key:
+        # Not passed on to where a redirect points, which may be another host.
+        request.add_unredirected_header("Authorization", f"Bearer {api_key}")
     throttle = throttle or Throttle(1)
     retried: list[str] = []
     for attempt in range(retrying.retries + 1):
@@ -166,7 +180,7 @@ def segment_file(source: Path, target: Path, url: str, fmt: str, timeout: float,
                 break
             except urllib.error.HTTPError as error:
                 if error.code not in RETRY_STATUSES:
-                    return Outcome(source, None, _http_reason(error), tuple(retried))
+                    return Outcome(source, None, _http_reason(error), tuple(retried), unauthorized=error.code == 401)
                 if error.code == 429:
                     throttle.refused()
                 reason, kind, retry_after = _http_reason(error), str(error.code), error.headers.get("Retry-After")
@@ -177,7 +191,7 @@ def segment_file(source: Path, target: Path, url: str, fmt: str, timeout: float,
                 reason, kind = f"cannot reach {url}: {error.reason}", "connection"
             except (OSError, http.client.HTTPException) as error:  # reset, closed or timed out while answering
                 reason, kind = f"connection to {url} lost: {error or type(error).__name__}", "connection"
-        if attempt == retrying.retries:
+        if attempt == retrying.retries or retrying.stopped.is_set():
             suffix = f" (after {attempt} retries)" if attempt else ""
             return Outcome(source, None, reason + suffix, tuple(retried))
         retried.append(kind)
@@ -197,6 +211,13 @@ def _http_reason(error: urllib.error.HTTPError) -> str:
         return f"{error.code} {detail['code']}: {detail['message']}"
     except (ValueError, KeyError, TypeError, OSError):
         return f"{error.code} {error.reason}"
+
+
+def unauthorized_line(outcome: Outcome, api_key: str | None) -> str:
+    """The one line a 401 ends the run with: what the server said, and how to give it a key (never the key)."""
+    advice = ("the server refused the API key: pass a valid one with --api-key KEY or SEGAPP_API_KEY" if api_key
+              else "the server needs an API key: pass --api-key KEY or set SEGAPP_API_KEY")
+    return f"segapp-client: {advice} ({outcome.error})"
 
 
 def summary(outcomes: list[Outcome], seconds: float) -> str:
@@ -240,7 +261,7 @@ class Progress:
         print(line, file=self.stream)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None, environ: Mapping[str, str] = os.environ) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="segapp-client",
         description="POST images to a segapp server and write its masks beside them (or into OUT).",
@@ -252,6 +273,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="png: the class mask; json: mask and class fractions; overlay: the image with the mask; "
                              "cutout: the image with its background transparent (RGBA PNG)")
     parser.add_argument("--model", help="the model to answer (GET /v1/models lists them; default: the server's)")
+    parser.add_argument("--api-key", metavar="KEY", default=environ.get("SEGAPP_API_KEY"),
+                        help="the API key a server with SEGAPP_API_KEYS_FILE asks for, sent as Authorization: Bearer "
+                             "KEY (default: $SEGAPP_API_KEY; the environment keeps it out of the process list)")
     parser.add_argument("-o", "--out", type=Path, help="write answers into this folder instead of beside the inputs")
     parser.add_argument("-c", "--concurrency", "-j", "--jobs", dest="concurrency", type=int, default=4,
                         help="requests in flight at once, at most (default 4); fewer while the server answers 429")
@@ -266,15 +290,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--concurrency must be at least 1, --retries and --max-wait 0 or more, --timeout above 0")
     if not args.url.startswith(("http://", "https://")):
         parser.error(f"--url {args.url}: expected http://HOST[:PORT] or https://...")
+    args.api_key = (args.api_key or "").strip() or None  # an empty SEGAPP_API_KEY is none
+    if args.api_key and not KEY_CHARACTERS.fullmatch(args.api_key):
+        parser.error("--api-key (or SEGAPP_API_KEY): a key is printable ASCII with no spaces (sgk_...)")
     args.images = expand_inputs(args.images)
     if not args.images:
         parser.error("no images: the folders given hold none")
     return args
 
 
-def main(argv: list[str] | None = None, sleep: Callable[[float], None] = time.sleep) -> int:
-    """Segment every IMAGE; 0 when all succeeded, 1 when any failed, 2 for a usage error."""
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, sleep: Callable[[float], None] = time.sleep,
+         environ: Mapping[str, str] = os.environ) -> int:
+    """Segment every IMAGE; 0 when all succeeded, 1 when any failed or the server wants a key, 2 for a usage
+    error."""
+    args = parse_args(argv, environ)
     retrying = Retrying(args.retries, args.max_wait, sleep)
     throttle = Throttle(args.concurrency)
     targets = [output_path(source, args.format, args.out) for source in args.images]
@@ -290,13 +319,21 @@ def main(argv: list[str] | None = None, sleep: Callable[[float], None] = time.sl
         jobs.append((source, target))
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
-        futures = [pool.submit(segment_file, s, t, args.url, args.format, args.timeout, retrying, throttle, args.model)
-                   for s, t in jobs]
+        futures = [pool.submit(segment_file, s, t, args.url, args.format, args.timeout, retrying, throttle, args.model,
+                               args.api_key) for s, t in jobs]
         for outcome in outcomes:
             progress.print(f"segapp-client: {outcome.source}: {outcome.error}")
             progress.advance(failed=True)
         for future in futures:  # in input order, so the lines and their order do not depend on timing
             outcome = future.result()
+            if outcome.unauthorized:
+                # Every other image would be refused the same: none more is sent, none in flight is asked again,
+                # and one line says why.
+                retrying.stopped.set()
+                pool.shutdown(wait=False, cancel_futures=True)
+                progress.clear()
+                print(unauthorized_line(outcome, args.api_key), file=sys.stderr)
+                return 1
             outcomes.append(outcome)
             if outcome.error:
                 progress.print(f"segapp-client: {outcome.source}: {outcome.error}")

@@ -17,19 +17,23 @@ import pytest
 from segapp import client
 
 RATE_LIMITED = b'{"error": {"code": "rate_limited", "message": "retry later", "request_id": "x"}}'
+UNAUTHORIZED = b'{"error": {"code": "unauthorized", "message": "this route needs a valid API key", "request_id": "x"}}'
+KEY = "sgk_k3v9x2qa_" + "s" * 43
 
 
 class FakeSegapp(BaseHTTPRequestHandler):
     """POST /infer: 200 with a body naming the format, except for these bodies:
     `BIG...`: 413; `BUSY <n> <status> [<retry-after>]`: `status` (with that Retry-After) for the first n tries;
-    `DROP <n>`: the connection closed unanswered for the first n tries; `SLOW...`: answered after 0.3 s.
+    `DROP <n>`: the connection closed unanswered for the first n tries; `SLOW...`: answered (or refused) after 0.3 s.
     With `gate` set, every request waits for that barrier before it is answered; with `max_in_flight` set, a
-    request beyond it is a 429 (Retry-After: 0), as nginx's limit_conn does."""
+    request beyond it is a 429 (Retry-After: 0), as nginx's limit_conn does; with `key` set, a request without
+    `Authorization: Bearer <key>` is a 401, as nginx's key check answers."""
 
     requests: list[dict] = []
     tries: dict[bytes, int] = {}
     gate: threading.Barrier | None = None
     max_in_flight: int | None = None
+    key: str | None = None
     in_flight = peak_in_flight = 0
     lock = threading.Lock()
 
@@ -38,7 +42,8 @@ class FakeSegapp(BaseHTTPRequestHandler):
         cls = FakeSegapp
         with cls.lock:
             cls.requests.append({"path": self.path, "type": self.headers["Content-Type"],
-                                 "accept": self.headers["Accept"], "body": body})
+                                 "accept": self.headers["Accept"], "authorization": self.headers["Authorization"],
+                                 "body": body})
             cls.tries[body] = tries = cls.tries.get(body, 0) + 1
             refused = cls.max_in_flight is not None and cls.in_flight >= cls.max_in_flight
             if not refused:
@@ -64,6 +69,12 @@ class FakeSegapp(BaseHTTPRequestHandler):
                 return 500, b"fewer requests at once than expected", "text/plain", {}
         if FakeSegapp.max_in_flight is not None:
             time.sleep(0.05)  # long enough for the client's other requests to meet the limit
+        if body.startswith(b"SLOW"):
+            time.sleep(0.3)
+        authorization = self.headers["Authorization"]
+        if FakeSegapp.key is not None and authorization != f"Bearer {FakeSegapp.key}":
+            challenge = 'Bearer realm="segapp"' + (', error="invalid_token"' if authorization else "")
+            return 401, UNAUTHORIZED, "application/json", {"WWW-Authenticate": challenge}
         if body.startswith(b"BIG"):
             return 413, b'{"error": {"code": "body_too_large", "message": "over 10 MiB", "request_id": "x"}}', \
                 "application/json", {}
@@ -74,8 +85,6 @@ class FakeSegapp(BaseHTTPRequestHandler):
                 return int(status), RATE_LIMITED, "application/json", headers
         if body.startswith(b"DROP") and tries <= int(body.split()[1]):
             return None, b"", "", {}  # the connection is closed with no answer, as by a proxy that lost its peer
-        if body.startswith(b"SLOW"):
-            time.sleep(0.3)
         return 200, b"answer:" + self.path.encode(), self.headers["Accept"], {}
 
     def _answer(self, status: int, body: bytes, content_type: str, headers: dict | None = None):
@@ -95,7 +104,7 @@ class FakeSegapp(BaseHTTPRequestHandler):
 def server_url():
     FakeSegapp.requests = []
     FakeSegapp.tries = {}
-    FakeSegapp.gate = FakeSegapp.max_in_flight = None
+    FakeSegapp.gate = FakeSegapp.max_in_flight = FakeSegapp.key = None
     FakeSegapp.in_flight = FakeSegapp.peak_in_flight = 0
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeSegapp)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)  # shutdown() waits a poll
@@ -132,6 +141,7 @@ def test_writes_masks_beside_the_inputs(server_url, tmp_path, capsys):
     assert (tmp_path / "photo.mask.png").read_bytes() == b"answer:/infer?format=png"
     sent = FakeSegapp.requests[0]
     assert (sent["type"], sent["accept"], sent["body"]) == ("image/jpeg", "image/png", b"jpeg bytes")
+    assert sent["authorization"] is None  # no key given, none sent
     assert capsys.readouterr().err == ""
 
 
@@ -309,3 +319,59 @@ def test_error_reason_from_segapp_json_or_the_bare_status():
     body = json.dumps({"error": {"code": "gateway_timeout", "message": "too slow", "request_id": "r"}}).encode()
     shaped = urllib.error.HTTPError("http://x", 504, "Gateway Timeout", {}, io.BytesIO(body))
     assert client._http_reason(shaped) == "504 gateway_timeout: too slow"
+
+
+@pytest.mark.parametrize("given", ["option", "environment"])
+def test_the_api_key_is_sent_with_every_request(server_url, tmp_path, capsys, given):
+    FakeSegapp.key = KEY
+    images = [write(tmp_path, f"{n}.jpg", b"image %d" % n) for n in range(3)]
+    option, environ = (["--api-key", KEY], {}) if given == "option" else ([], {"SEGAPP_API_KEY": KEY})
+    assert client.main([*map(str, images), "--url", server_url, *option], environ=environ) == 0
+    assert [request["authorization"] for request in FakeSegapp.requests] == [f"Bearer {KEY}"] * 3
+    assert summary_of(capsys.readouterr().err)["answered"] == "3"
+
+
+def test_the_option_wins_over_the_environment(server_url, tmp_path):
+    FakeSegapp.key = KEY
+    photo = write(tmp_path, "photo.jpg", b"jpeg bytes")
+    environ = {"SEGAPP_API_KEY": "sgk_old00000_" + "o" * 43}
+    assert client.main([str(photo), "--url", server_url, "--api-key", KEY], environ=environ) == 0
+    assert FakeSegapp.requests[0]["authorization"] == f"Bearer {KEY}"
+
+
+@pytest.mark.parametrize(("option", "advice"), [
+    ([], "the server needs an API key: pass --api-key KEY or set SEGAPP_API_KEY"),
+    (["--api-key", "sgk_wrong000_" + "w" * 43],
+     "the server refused the API key: pass a valid one with --api-key KEY or SEGAPP_API_KEY"),
+])
+def test_a_401_ends_the_run_with_one_line_that_says_how_to_give_a_key(server_url, tmp_path, capsys, option, advice):
+    FakeSegapp.key = KEY
+    images = [write(tmp_path, f"{n}.jpg", b"SLOW image %d" % n) for n in range(20)]
+    sleeps = Sleeps()
+    status = client.main([*map(str, images), "--url", server_url, "-c", "2", *option], sleep=sleeps, environ={})
+    assert status == 1
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [
+        f"segapp-client: {advice} (401 unauthorized: this route needs a valid API key)"]
+    assert out == "" and "Traceback" not in err
+    assert all(secret not in err for secret in option[1:])  # the key given is never printed
+    # The images after the refusal are not sent, each would be refused the same: the two first, and the two the
+    # client had sent by the time the first refusal was read.
+    assert len(FakeSegapp.requests) <= 4 and sleeps == []
+    assert not list(tmp_path.glob("*.mask.png"))
+
+
+@pytest.mark.parametrize("key", ["sgk_abc def", "sgk_abc\ndef", "sgk_clé"])
+def test_a_key_that_cannot_be_a_header_is_a_usage_error(tmp_path, capsys, key):
+    photo = write(tmp_path, "photo.jpg", b"jpeg bytes")
+    with pytest.raises(SystemExit) as exit_:
+        client.main([str(photo)], environ={"SEGAPP_API_KEY": key})
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--api-key (or SEGAPP_API_KEY)" in err and key.strip() not in err
+
+
+def test_an_empty_key_in_the_environment_is_none(server_url, tmp_path):
+    photo = write(tmp_path, "photo.jpg", b"jpeg bytes")
+    assert client.main([str(photo), "--url", server_url], environ={"SEGAPP_API_KEY": ""}) == 0
+    assert FakeSegapp.requests[0]["authorization"] is None

@@ -1,7 +1,7 @@
 // The try-it page: sends an image to POST /infer?format=json&model=NAME and shows what comes back, then asks the same
 // model for the cutout (?format=cutout). The picker and the model's card are models.js's; the mask PNG's decoding
 // png.js's. No framework and no build step; everything the page shows is built with textContent, never innerHTML.
-import { errorText, inferUrl } from "./api.js";
+import { apiFetch, errorText, inferUrl, useKeyForm } from "./api.js";
 import { ModelChooser, swatch } from "./models.js";
 import { base64Bytes, decodePalettePng, paintIndices } from "./png.js";
 
@@ -16,6 +16,9 @@ const view = {
   timings: document.querySelector("#timings tbody"), download: $("download"),
   cutoutFigure: $("cutout-figure"), cutout: $("cutout"), cutoutNote: $("cutout-note"), cutoutDownload: $("cutout-download"),
 };
+
+// Before the first request: a server with API keys answers 401, and the form asks for one (api.js).
+useKeyForm({ form: $("key-form"), input: $("api-key"), message: $("key-message") });
 
 const ACCEPT = { json: "application/json", cutout: "image/png" };
 let sent = 0;          // the number of the latest image sent: an older answer arriving late is dropped
@@ -56,7 +59,7 @@ async function send(blob, name) {
 async function post(blob, name, format, model) {
   let response;
   try {
-    response = await fetch(inferUrl(format, model), {
+    response = await apiFetch(inferUrl(format, model), {
       method: "POST",
       body: blob,
       headers: { "Content-Type": blob.type || "application/octet-stream", Accept: ACCEPT[format] },
@@ -284,7 +287,7 @@ for (const button of document.querySelectorAll("[data-sample]")) {
   button.addEventListener("click", () => {
     const url = button.dataset.sample;
     const name = url.split("/").pop();
-    fetch(url)
+    apiFetch(url)
       .then((response) => {
         if (!response.ok) throw new Error(`${url} answered ${response.status}`);
         return response.blob();
