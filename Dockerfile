@@ -37,8 +37,8 @@ RUN apt-get update \
 COPY --from=builder /opt/segapp/venv /opt/segapp/venv
 COPY uwsgi/ /opt/segapp/uwsgi/
 COPY nginx/ /opt/segapp/nginx/
-# nginx/render.py reads API keys files with segapp/keys.py (standard library only) under the system python3.
-COPY segapp/__init__.py segapp/keys.py /opt/segapp/segapp/
+# nginx/render.py reads API keys files with segapp/keys.py (standard library only) under the system python3: beside it.
+COPY segapp/keys.py /opt/segapp/nginx/keys.py
 COPY web/ /opt/segapp/web/
 
 # Everything the stack writes goes to the run folder: mount a tmpfs or an emptyDir there, and the root can be read-only.

@@ -32,6 +32,7 @@ Standard library only: it runs before the virtual environment is known. Usage:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import ipaddress
 import json
 import os
@@ -44,9 +45,12 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# segapp/keys.py reads the keys file; it needs only the standard library, so this runs before the venv is known.
-sys.path.insert(0, str(HERE.parent))
-from segapp import keys  # noqa: E402
+# segapp/keys.py reads the keys file; it needs only the standard library, so this runs before the venv is known. It is
+# loaded from its file: in the image it lies beside this one (a segapp/ folder there would hide the installed package).
+_KEYS_FILE = next(path for path in (HERE / "keys.py", HERE.parent / "segapp" / "keys.py") if path.exists())
+_spec = importlib.util.spec_from_file_location("segapp_keys", _KEYS_FILE)
+keys = sys.modules["segapp_keys"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(keys)
 
 WEB_ROOT = HERE.parent / "web"
 SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
