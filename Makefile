@@ -5,6 +5,7 @@
 #   make eval    measure the shipped model on the held-out synthetic test split
 #   make image   the runtime container image (Dockerfile), segapp:<model version>; needs a running Docker daemon
 #   make models  MediaPipe's selfie segmentation into segapp/models as model `person` (serve, test and image do it first)
+#   make bench-peers  the same work served by Flask + gunicorn and FastAPI + uvicorn beside the stack (optional)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,8 +15,10 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 EXTRAS ?= tensorflow,onnx,serve,bench,test
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+PEERS_ARGS ?=
+PEERS_VENV ?= build/peers-venv
 
-.PHONY: venv nginx wrk chromium docker kubectl prometheus models image serve test train eval bench lint clean
+.PHONY: venv nginx wrk chromium docker kubectl prometheus models image serve test train eval bench bench-peers lint clean
 
 # The venv is rebuilt when the package's requirements or its compiled module (segapp/_upsampling.c) change.
 $(BIN)/.installed-$(EXTRAS): setup.cfg pyproject.toml setup.py segapp/_upsampling.c
@@ -104,6 +107,20 @@ eval: venv
 # The load benchmark against the real stack; results in bench/results/, figures in docs/benchmarks.md.
 bench: venv nginx wrk
 	PATH="$$PATH:/usr/sbin:/sbin" $(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# The peers of the comparison (bench/peers.py) in a venv of their own under build/, never in .venv: Flask, gunicorn,
+# FastAPI and uvicorn at the versions bench/peer_apps/requirements.txt pins, and segapp from this checkout with its
+# serve extra, whose requirements the peers' workers need to run segapp's pipeline.
+$(PEERS_VENV)/bin/.installed: bench/peer_apps/requirements.txt setup.cfg pyproject.toml setup.py segapp/_upsampling.c
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --quiet --upgrade pip setuptools wheel
+	$(PEERS_VENV)/bin/python -m pip install --quiet -r bench/peer_apps/requirements.txt '.[serve]'
+	touch $@
+
+# The same work per request (segapp's pipeline, a PNG mask) served by Flask + gunicorn, FastAPI + uvicorn and the
+# stack, one after another, then under slow clients; not part of `make test` (docs/benchmarks.md). About 6 minutes.
+bench-peers: venv nginx wrk $(PEERS_VENV)/bin/.installed
+	PATH="$$PATH:/usr/sbin:/sbin" $(BIN)/python -m bench.peers --peers-venv $(PEERS_VENV) $(PEERS_ARGS)
 
 lint: venv
 	$(BIN)/ruff check segapp tests bench

@@ -1,21 +1,26 @@
-"""The benchmark's own code runs end to end at a tiny scale, so it cannot rot. No assertion on speed."""
+"""The benchmark's own code runs end to end at a tiny scale, so it cannot rot. No assertion on speed. The peers'
+comparison (bench/peers.py, `make bench-peers`) is not run here: its slow clients and tables are, against fakes."""
 
 import json
 import shutil
+import socket
+import socketserver
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from bench import models, run
+from bench import models, peers, run
+from bench.slow_clients import slow_clients_beside_one
 from bench.stack import ROOT
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(shutil.which("wrk") is None, reason="make test installs wrk; run through make"),
-]
+needs_wrk = pytest.mark.skipif(shutil.which("wrk") is None, reason="make test installs wrk; run through make")
 
 
+@pytest.mark.integration
+@needs_wrk
 def test_tiny_benchmark_writes_table_json_and_plot(tmp_path, capsys):
     run.main(
         [
@@ -56,6 +61,8 @@ def head() -> str:
     return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
 
 
+@pytest.mark.integration
+@needs_wrk
 def test_baseline_runs_the_same_benchmark_on_a_worktree_of_ref_and_reports_ratios(tmp_path, capsys):
     before = head()  # others may commit to this checkout during the run
     run.main(
@@ -92,6 +99,8 @@ def test_baseline_runs_the_same_benchmark_on_a_worktree_of_ref_and_reports_ratio
     assert "baseline: HEAD" in table and "x) |" in table
 
 
+@pytest.mark.integration
+@needs_wrk
 def test_models_benchmark_serves_one_two_and_three_models_and_writes_its_tables_and_json(tmp_path, capsys):
     models.main(["--seconds", "1", "--rounds", "1", "--warmup-seconds", "1", "--out", str(tmp_path), "--name", "tiny"])
     result = json.loads((tmp_path / "tiny.json").read_text())
@@ -110,3 +119,86 @@ def test_models_benchmark_serves_one_two_and_three_models_and_writes_its_tables_
     assert result["summary"]["rps_ratio_3_over_1"] > 0 and result["summary"]["3"]["person_requests_per_s"] > 0
     table = capsys.readouterr().out
     assert "| models | stacks started |" in table and "person (3 models loaded)" in table
+
+
+class _ImageServer(socketserver.ThreadingTCPServer):
+    """A fake server that reads each POST's body in a thread of its own, as a sync worker does, and answers 200 once
+    the body is whole; it counts the connections that ended with their body unfinished."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _ImageHandler)
+        self.unfinished = []  # body bytes received by each connection that closed before its body was whole
+
+
+class _ImageHandler(socketserver.StreamRequestHandler):
+    def handle(self):
+        length = 0
+        while (line := self.rfile.readline()) not in (b"\r\n", b""):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        received = 0
+        try:
+            while received < length and (chunk := self.rfile.read1(length - received)):
+                received += len(chunk)
+        except OSError:
+            pass
+        if received < length:
+            self.server.unfinished.append(received)
+            return
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+
+def test_slow_clients_hold_their_uploads_open_beside_a_normal_client_and_close_every_one():
+    server = _ImageServer()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    body = bytes(range(256)) * 40
+    try:
+        figures = slow_clients_beside_one("127.0.0.1", server.server_address[1], "/infer", body, slow=4, seconds=0.5,
+                                          timeout_s=2, chunk=8, interval_s=0.1, settle_s=0.2)
+        deadline = time.monotonic() + 5
+        while len(server.unfinished) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert figures["slow_held_at_start"] == 4 and figures["slow_opened"] == 4 and figures["slow_left_open"] == 0
+    assert figures["slow_ended_by_server"] == 0
+    assert figures["sent"] > 0 and figures["answered_200"] == figures["sent"] and figures["timed_out"] == 0
+    assert figures["p50_ms"] > 0 and figures["p99_ms"] >= figures["p50_ms"]
+    # Each slow client sent some of its body, never all of it, and its connection was closed at the end.
+    assert len(server.unfinished) == 4 and all(0 < received < len(body) for received in server.unfinished)
+
+
+def test_a_normal_client_that_gets_no_answer_counts_timeouts():
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts into its backlog, never answers
+        figures = slow_clients_beside_one("127.0.0.1", silent.getsockname()[1], "/infer", b"x" * 1000, slow=0,
+                                          seconds=0.3, timeout_s=0.2, settle_s=0)
+    assert figures["sent"] >= 1 and figures["timed_out"] == figures["sent"] == figures["failed"]
+    assert figures["p99_ms"] is None and figures["p99_all_ms"] >= 200
+
+
+def _wrk_row(requests_per_s, p50_ms):
+    return {"requests_per_s": requests_per_s, "p50_ms": p50_ms, "p99_ms": 2 * p50_ms, "non_2xx": 0}
+
+
+def test_peers_tables_show_medians_over_rounds_and_the_normal_client_beside_slow_ones():
+    result = {"image": {"name": "scene-500x375.jpg", "bytes": 63440}, "rounds": 3, "seconds": 10,
+              "in_process_requests_per_s": [200, 210, 190], "servers": {}}
+    for name, base in (("segapp", 150), ("flask", 180), ("fastapi", 170)):
+        result["servers"][name] = {"rounds": {"1": [_wrk_row(base + d, 5.0 + d / 10) for d in (0, 4, -2)],
+                                              "8": [_wrk_row(2 * base + d, 20.0) for d in (0, 6, -6)]}}
+    result["servers"]["flask"]["slow_clients"] = {
+        "slow_clients": 64, "trickle": "16 bytes every 1 s", "seconds": 20, "timeout_s": 10, "sent": 2,
+        "answered_200": 0, "failed": 2, "timed_out": 2, "p50_ms": None, "p99_ms": None, "p99_all_ms": 10003.1,
+        "slow_held_at_start": 64, "slow_ended_by_server": 0}
+    peers.summarize(result)
+    segapp = result["servers"]["segapp"]
+    assert segapp["median"]["1"]["requests_per_s"] == 150 and segapp["median"]["1"]["p50_ms"] == 5.0
+    assert segapp["median"]["8"]["rounds_requests_per_s"] == [300, 306, 294]
+    assert result["in_process_median_requests_per_s"] == 200 and segapp["serving_efficiency"] == 1.5
+    table = peers.markdown(result)
+    assert "| segapp (nginx -> uWSGI -> segapp) | 150 (148-154) | 5.0 ms | 300 (294-306) | 20.0 ms | 1.5 | 0 |" in table
+    assert "| Flask under gunicorn, 2 sync workers, no proxy | 0 / 2 | 2 | 0 | - | - | 10003.1 ms | 64 | 0 |" in table
