@@ -4,11 +4,13 @@ with API keys, and both, measured in turn in one run.
     PATH=$PATH:/usr/sbin .venv/bin/python -m bench.security [--seconds 8] [--rounds 3] [--size 500x375]
 
 Each round runs wrk against every stack in turn, at one client (c=1: latency) and at eight (c=8: throughput), with a
-500x375 photo-like JPEG; the table holds each figure's median over the rounds and its ratio to plain HTTP. A new
-connection's cost is measured apart: `--connections` times, a new TCP (and TLS) connection, GET /healthz on it,
-closed; the median in ms. The stacks run at once (2 workers each, as `make serve`), idle but for the one measured; the
-per-address limits and the key's own are lifted, so that nothing is refused. The certificate is made here by
-`openssl` (ECDSA P-256, self-signed: wrk does not verify it); the key check is nginx's auth_request to the app.
+500x375 photo-like JPEG; the table holds each figure's median over the rounds and its ratio to plain HTTP. At c=8
+the CPU time of nginx's processes and of the workers (/proc) is divided by the requests answered: each layer's cost,
+steadier than requests/s on a shared machine. A new connection's cost is measured apart: `--connections` times, a
+new TCP (and TLS) connection, GET /healthz on it, closed; the median in ms. The stacks run at once (2 workers each,
+as `make serve`), idle but for the one measured; the per-address limits and the key's own are lifted, so that
+nothing is refused. The certificate is made here by `openssl` (ECDSA P-256, self-signed: wrk does not verify it);
+the key check is nginx's auth_request to the app.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import time
 from pathlib import Path
 
 from bench.images import make_image
+from bench.layers import process_cpu, roles
 from bench.load import wrk
 from bench.stack import Stack
 from segapp import keys as api_keys
@@ -93,10 +96,18 @@ def main(argv: list[str] | None = None) -> None:
                 figures = runs[variant]
                 wrk(stack.url + "/infer", image, 8, 2, authorization=header)  # warm: both workers, the sessions
                 for concurrency in (1, 8):
+                    # The CPU each layer spends a request: steadier on a shared machine than requests/s.
+                    grouped = roles(stack)
+                    before = {role: sum(map(process_cpu, pids)) for role, pids in grouped.items()}
                     result = wrk(stack.url + "/infer", image, concurrency, options.seconds, authorization=header)
                     assert result["non_2xx"] == 0, (variant, result["statuses"], result["socket_errors"])
                     figures.setdefault(f"c={concurrency} req/s", []).append(result["requests_per_s"])
                     figures.setdefault(f"c={concurrency} p50 ms", []).append(result["p50_ms"])
+                    if concurrency == 8:
+                        answered = sum(result["statuses"].values())
+                        for role in ("nginx", "workers"):
+                            spent = sum(map(process_cpu, grouped[role])) - before[role]
+                            figures.setdefault(f"{role} CPU ms", []).append(spent * 1000 / answered)
                 figures.setdefault("new connection ms", []).append(
                     connection_ms(stack.port, "https" in variant, options.connections))
     medians = {variant: {name: round(statistics.median(values), 3) for name, values in figures.items()}
@@ -106,11 +117,13 @@ def main(argv: list[str] | None = None) -> None:
               for variant, figures in medians.items()}
     print(json.dumps({"image": options.size, "rounds": options.rounds, "seconds": options.seconds,
                       "nproc": os.cpu_count(), "medians": medians, "ratio_to_http": ratios, "runs": runs}, indent=1))
-    print("\n| stack | c=1 req/s | c=1 p50 ms | c=8 req/s | c=8 p50 ms | new connection ms |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    columns = ("c=1 req/s", "c=1 p50 ms", "c=8 req/s", "c=8 p50 ms", "nginx CPU ms", "workers CPU ms",
+               "new connection ms")
+    print("\n| stack | " + " | ".join(columns) + " |")
+    print("| --- |" + " ---: |" * len(columns))
     for variant, figures in medians.items():
         cells = [f"{figures[name]:.2f} ({ratios[variant][name]:.2f})" if variant != "http" else f"{figures[name]:.2f}"
-                 for name in ("c=1 req/s", "c=1 p50 ms", "c=8 req/s", "c=8 p50 ms", "new connection ms")]
+                 for name in columns]
         print(f"| {variant} | " + " | ".join(cells) + " |")
 
 
