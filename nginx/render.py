@@ -57,7 +57,7 @@ SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 APP_SOCKET = "unix:/run/segapp/app.sock"
 # Literals that occur more than once in segapp.conf; every other literal occurs exactly once.
-OCCURRENCES = {APP_SOCKET: 3, "        # key check: none": 3}
+OCCURRENCES = {APP_SOCKET: 3, "        # key check: none": 2}
 # Requests that claim no key of the file, from one address: a few a second, after a first handful at once.
 GUESS_RATE, GUESS_BURST = "2r/s", 10
 # The DER of the OCSP access method's OID (1.3.6.1.5.5.7.48.1), which a certificate holds only in its Authority
@@ -135,6 +135,7 @@ def key_substitutions(environ) -> dict[str, str]:
         "# key zones: none": "\n".join(zones),
         "        # key limits: none": "\n        ".join(location + ["auth_request /.segapp/key;"]),
         "        # key check: none": "        " + check,
+        "            # key check, nested: none": "            " + check.replace("\n        ", "\n            "),
         "            # key guess 429: none": _if_guess(json.dumps(
             {"error": {"code": "rate_limited", "message": guess, "request_id": "$segapp_request_id"}})),
         "            # key guess 429 v2: none": _if_guess(json.dumps({"error": guess})),
