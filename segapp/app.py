@@ -229,7 +229,7 @@ class SegmentationApp:
         # nginx names the key it accepted (X-Segapp-Key); a name not in the file is counted as "other".
         key = request.environ.get("HTTP_X_SEGAPP_KEY")
         if key and self.keys is not None:
-            known = any(key == entry.name for entry in self.keys.current().keys)
+            known = key in self.keys.current().names
             self.metrics.key_requests.labels(key if known else "other", str(response.status_code)).inc()
         if path is None:  # not UTF-8: logged with its bytes escaped
             path = request.environ.get("PATH_INFO", "").encode("latin-1", "replace").decode("utf-8", "backslashreplace")

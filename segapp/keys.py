@@ -96,6 +96,7 @@ class KeyRing:
         self.default = default
         self.default_set = default_set
         self.by_id = {key.key_id: key for key in keys}
+        self.names = frozenset(key.name for key in keys)
 
     @classmethod
     def parse(cls, text: str, source: str = "the keys file") -> KeyRing:
