@@ -2,7 +2,7 @@
 pipeline (decode, network, upsample, PNG) and the serving around it (uWSGI's C side, segapp's request handling).
 
     PATH=$PATH:/usr/sbin .venv/bin/python -m bench.layers [--seconds 20] [--concurrency 8] [--size 500x375]
-                                                          [--log-format text|json]
+                                                          [--log-format text|json] [--baseline REF --rounds 3]
 
 One stack as `make serve` starts it (2 workers x 1 engine thread, the per-address limits lifted, as one load
 address); wrk posts one photo-like JPEG for `--seconds` at `--concurrency`. The CPU time (utime + stime in
@@ -11,6 +11,9 @@ requests answered; wrk's own CPU (it shares the two cores) comes from this proce
 CPU per request is measured in-process on the same JPEG (this thread's CPU time around `Segmenter.segment` and
 `mask_to_png`, the engine on this thread); and inside the workers, in the same run, their own /metrics (request
 duration and stage times of /infer) split the workers' CPU into the stages, the app around them, and the rest.
+
+`--baseline REF`: the same measurement of this checkout and of REF (a git worktree, bench.run's), alternating for
+`--rounds`; the medians of each and their ratios (this checkout / REF): a change's cost or gain per layer.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from pathlib import Path
 
 from bench.images import make_image
 from bench.load import wrk
-from bench.stack import CLOCK_TICKS, Stack
+from bench.run import worktree
+from bench.stack import CLOCK_TICKS, ROOT, Stack
 
 
 def process_cpu(pid: int) -> float:
@@ -88,10 +92,11 @@ def pipeline_cpu_ms(image: Path, requests: int) -> float:
     return statistics.median(samples) * 1000
 
 
-def measure(image: Path, seconds: float, concurrency: int, log_format: str = "text") -> dict:
+def measure(image: Path, seconds: float, concurrency: int, log_format: str = "text", root: Path = ROOT) -> dict:
     env = {"SEGAPP_PROCESSES": "2", "SEGAPP_THREADS": "1", "SEGAPP_NGINX_RATE": "100000r/s",
            "SEGAPP_NGINX_BURST": "100000", "SEGAPP_MAX_REQUESTS": "1000000", "SEGAPP_LOG_FORMAT": log_format}
-    with tempfile.TemporaryDirectory(prefix="segapp-layers-") as run_dir, Stack.start(Path(run_dir), env) as stack:
+    with tempfile.TemporaryDirectory(prefix="segapp-layers-") as run_dir, \
+            Stack.start(Path(run_dir), env, root=root) as stack:
         wrk(stack.url + "/infer", image, concurrency, 3)  # warm-up: both workers, nginx's buffers
         grouped = roles(stack)
         app_before = app_seconds(stack)
@@ -125,8 +130,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pipeline-requests", type=int, default=300)
     parser.add_argument("--log-format", choices=("text", "json"), default="text",
                         help="SEGAPP_LOG_FORMAT: text, three request lines (nginx, uWSGI, the app); json, two")
+    parser.add_argument("--baseline", metavar="REF", help="measure REF too, alternating, and give the ratios")
+    parser.add_argument("--rounds", type=int, default=3, help="with --baseline: rounds of each")
     options = parser.parse_args(argv)
     width, height = (int(side) for side in options.size.split("x"))
+    if options.baseline:
+        return compare(options, width, height)
     with tempfile.TemporaryDirectory(prefix="segapp-layers-image-") as folder:
         image = make_image(Path(folder), width, height)
         stack = measure(image, options.seconds, options.concurrency, options.log_format)
@@ -136,6 +145,31 @@ def main(argv: list[str] | None = None) -> None:
     layers["workers: the rest (uWSGI, segapp's handling)"] = round(layers["workers"] - pipeline, 3)
     print(json.dumps({"image": options.size, "concurrency": options.concurrency, "seconds": options.seconds,
                       "log_format": options.log_format, "nproc": os.cpu_count(), **stack}, indent=1))
+
+
+def compare(options, width: int, height: int) -> None:
+    """This checkout against `options.baseline`, alternating rounds: medians per figure, and new / baseline."""
+    runs = {"new": [], "baseline": []}
+    with tempfile.TemporaryDirectory(prefix="segapp-layers-image-") as folder, \
+            worktree(options.baseline, Path(folder) / "baseline") as baseline:
+        image = make_image(Path(folder), width, height)
+        trees = [("new", ROOT), ("baseline", baseline)]
+        for index in range(options.rounds):
+            for name, tree in trees if index % 2 == 0 else trees[::-1]:
+                runs[name].append(measure(image, options.seconds, options.concurrency, options.log_format, tree))
+    medians = {}
+    for name, results in runs.items():
+        figures = {"requests_per_s": [result["requests_per_s"] for result in results],
+                   "p50_ms": [result["p50_ms"] for result in results]}
+        for result in results:
+            for layer, ms in result["cpu_ms_per_request"].items():
+                figures.setdefault(layer, []).append(ms)
+        medians[name] = {figure: round(statistics.median(values), 3) for figure, values in figures.items()}
+    ratios = {figure: round(medians["new"][figure] / medians["baseline"][figure], 3)
+              for figure in medians["new"] if medians["baseline"].get(figure)}
+    print(json.dumps({"image": options.size, "concurrency": options.concurrency, "seconds": options.seconds,
+                      "rounds": options.rounds, "baseline": options.baseline, "nproc": os.cpu_count(),
+                      "medians": medians, "new_over_baseline": ratios, "runs": runs}, indent=1))
 
 
 if __name__ == "__main__":

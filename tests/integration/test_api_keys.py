@@ -252,10 +252,15 @@ def test_metrics_and_log_lines_name_the_key_never_hold_it(stack, keys, jpeg):
     assert float(counted["alice"]) >= 1
     # Only names of the file (and "other"): the label's values are bounded by it.
     assert set(counted) <= {"alice", "bob", "carol", "dave", "erin", "other"}
+    def lines() -> list[dict]:
+        log = stack.log() + (stack.run_dir / "nginx" / "access.log").read_text()
+        return [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+
+    # nginx writes its lines within a second (buffer=, flush=).
+    wait_until(lambda: any(line["layer"] == "nginx" and line["key"] == "alice" and line["status"] == 200
+                           for line in lines()), "nginx's access line naming alice", timeout=5)
     log = stack.log() + (stack.run_dir / "nginx" / "access.log").read_text()
-    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
-    assert any(line["layer"] == "nginx" and line["key"] == "alice" and line["status"] == 200 for line in lines)
-    assert any(line["layer"] == "app" and line.get("key") == "alice" for line in lines)
+    assert any(line["layer"] == "app" and line.get("key") == "alice" for line in lines())
     for key in (*keys.keys.values(), "sgk_"):
         assert key not in log and key not in metrics
 
