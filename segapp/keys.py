@@ -211,6 +211,7 @@ def digest(key: str) -> bytes:
 def _write(path: Path, ring: KeyRing) -> None:
     """Replace the file in one rename, readable by its owner and group only (never a partial file for a reader)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # run/keys before the first `make serve` made run/
     mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(handle, "w") as out:

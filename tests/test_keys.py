@@ -27,7 +27,7 @@ def add(path, name: str, *limits: str, capsys) -> str:
 
 
 def test_segapp_keys_adds_rotates_lists_and_removes(tmp_path, capsys):
-    path = tmp_path / "keys"
+    path = tmp_path / "run" / "keys"  # its folder made by the first add
     alice = add(path, "alice", capsys=capsys)
     bob = add(path, "bob", "--rate", "20r/s", "--inflight", "4", capsys=capsys)
     text = path.read_text()
