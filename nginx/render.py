@@ -8,7 +8,7 @@ than start an nginx that listens or limits differently from what was asked:
     unix:/run/segapp/app.sock (3 times)   -> unix:RUN/app.sock
     /var/log/nginx/segapp.access.log      -> access.log under the prefix, or SEGAPP_NGINX_ACCESS_LOG (the image:
                                              /dev/stderr: 157 bytes a request would fill the run folder's tmpfs)
-    access_log ... segapp                 -> ... segapp_json when SEGAPP_LOG_FORMAT=json (the image)
+    access_log ... segapp;                -> ... segapp_json; when SEGAPP_LOG_FORMAT=json (the image)
     rate=300r/s, burst=300                <- SEGAPP_NGINX_RATE (e.g. 5r/s), SEGAPP_NGINX_BURST
     max_conns=32 (twice)                  <- SEGAPP_NGINX_MAX_INFLIGHT (requests at the workers, all clients), halved
     limit_conn segapp_per_client 16;      <- SEGAPP_NGINX_MAX_INFLIGHT_PER_CLIENT (requests in flight, one address)
@@ -157,9 +157,9 @@ def site_substitutions(run_dir: Path, port: int, environ) -> dict[str, str]:
         "listen 80;": f"listen {_address(environ.get('SEGAPP_ADDRESS') or '127.0.0.1')}:{port};",
         "listen [::]:80;": "# (IPv6 listen dropped: one address, SEGAPP_ADDRESS)",
         APP_SOCKET: f"unix:{run_dir / 'app.sock'}",
-        "access_log /var/log/nginx/segapp.access.log segapp ":
+        "access_log /var/log/nginx/segapp.access.log segapp;":
             f"access_log {_log_path(environ.get('SEGAPP_NGINX_ACCESS_LOG') or 'access.log')} "
-            f"{_log_format(environ.get('SEGAPP_LOG_FORMAT') or 'text')} ",
+            f"{_log_format(environ.get('SEGAPP_LOG_FORMAT') or 'text')};",
         "root /srv/segapp/web;": f'root "{WEB_ROOT}";',
     }
     if TLSFiles.from_environ(environ):

@@ -52,7 +52,7 @@ def test_nginx_conf_with_json_logs(nginx_binary, render_nginx, tmp_path):
     prefix = render_nginx(tmp_path, 18080, SEGAPP_LOG_FORMAT="json")
     result = nginx_test(nginx_binary, prefix, "nginx.conf")
     assert result.returncode == 0, result.stderr
-    assert "access_log access.log segapp_json buffer=" in (prefix / "segapp.conf").read_text()
+    assert "access_log access.log segapp_json;" in (prefix / "segapp.conf").read_text()
     with pytest.raises(subprocess.CalledProcessError) as failure:
         render_nginx(tmp_path, 8080, SEGAPP_LOG_FORMAT="xml")
     assert "SEGAPP_LOG_FORMAT" in failure.value.stderr

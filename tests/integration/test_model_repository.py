@@ -4,6 +4,7 @@ added and refused while it serves under load, and a broken model stopping it at 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -123,4 +124,6 @@ def test_a_model_that_cannot_load_stops_the_server_at_start_in_one_line(stack_fa
     log = str(stopped.value)
     lines = [line for line in log.splitlines() if "cannot start:" in line]
     assert lines and reason in lines[0], log
-    assert "Traceback" not in log
+    # The other worker, still importing when uWSGI destroys the instance, is stopped by SIGINT: a KeyboardInterrupt
+    # traceback of the shutdown's may follow (seen once in CI). No other traceback.
+    assert log.count("Traceback") == len(re.findall(r"^KeyboardInterrupt$", log, re.M)), log
