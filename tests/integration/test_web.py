@@ -9,6 +9,7 @@ in the test's temporary folder; with SEGAPP_SCREENSHOTS=docs/images they replace
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import shutil
@@ -52,9 +53,10 @@ def downloads():
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def browser(downloads):
-    """One headless Chromium for the module, with a fresh profile; its console is read by `console_errors`."""
+@contextlib.contextmanager
+def chromium(downloads: Path | None = None):
+    """A headless Chromium with a fresh profile, its console kept for `console_errors`; files it downloads go to
+    `downloads` when given. Quit and its profile removed afterwards."""
     if CHROMIUM is None or CHROMEDRIVER is None:
         pytest.fail("chromium and chromedriver are not installed: run `make chromium`")
     profile = Path(tempfile.mkdtemp(prefix="segapp-chromium-"))
@@ -63,14 +65,25 @@ def browser(downloads):
     for flag in (*FLAGS, f"--user-data-dir={profile}"):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    options.add_experimental_option("prefs", {
-        "download.default_directory": str(downloads), "download.prompt_for_download": False,
-    })
+    if downloads:
+        options.add_experimental_option("prefs", {
+            "download.default_directory": str(downloads), "download.prompt_for_download": False,
+        })
     driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
-    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
-    yield driver
-    driver.quit()
-    shutil.rmtree(profile, ignore_errors=True)
+    if downloads:
+        driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def browser(downloads):
+    """One headless Chromium for the module, downloading into `downloads`."""
+    with chromium(downloads) as driver:
+        yield driver
 
 
 def console_errors(driver) -> list[dict]:

@@ -14,19 +14,15 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
 from tests.integration.conftest import start_stack
 from tests.integration.test_web import (
-    CHROMEDRIVER,
-    CHROMIUM,
     DESKTOP,
-    FLAGS,
     ROOT,
     SAMPLES,
+    chromium,
     console_errors,
     emulate,
     open_page,
@@ -66,18 +62,8 @@ def keyed_stack(keys_file):
 
 @pytest.fixture(scope="module")
 def browser():
-    if CHROMIUM is None or CHROMEDRIVER is None:
-        pytest.fail("chromium and chromedriver are not installed: run `make chromium`")
-    profile = Path(tempfile.mkdtemp(prefix="segapp-chromium-"))
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (*FLAGS, f"--user-data-dir={profile}"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
-    yield driver
-    driver.quit()
-    shutil.rmtree(profile, ignore_errors=True)
+    with chromium() as driver:
+        yield driver
 
 
 def key_form_asking(driver, says: str) -> None:
