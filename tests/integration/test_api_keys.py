@@ -98,7 +98,7 @@ def test_the_file_holds_digests_never_a_key(keys):
     ring = KeyRing.parse(text)
     assert sorted(key.name for key in ring.keys) == ["alice", "bob", "carol", "dave"]
     for key in keys.keys.values():
-        assert key not in text and key.split("_")[2] not in text
+        assert key not in text and key.split("_", 2)[2] not in text  # the secret may hold "_" itself
         assert ring.check(f"Bearer {key}") is not None
 
 
