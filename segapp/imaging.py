@@ -57,6 +57,11 @@ _WORKING_BYTES_PER_PIXEL = 1
 # libjpeg's work per block of every scan, measured on this project's machines (2 vCPUs, AMD EPYC): 35-39 ns on a quiet
 # machine, 48-53 ns on a busy one (bench/decode_cost.py); above both, so that an estimate errs on the budget's side.
 _SECONDS_PER_BLOCK_SCAN = 60e-9
+# How often a decode checks its CPU budget as Pillow reads the image (_BudgetedReader): at every read of this many
+# bytes or more (a decoder asks for a block at a time: 64 KB), and at every 32nd read smaller than that (a parser's
+# markers and chunk headers: some 38 reads for a photo's JPEG, a few a PNG chunk).
+_CHECKED_READ_BYTES = 4096
+_SMALL_READS_PER_CHECK = 32
 
 # What Pillow's decoders raise for bytes they cannot decode (truncated, corrupt, or an unsupported variant):
 # OSError (with UnidentifiedImageError), SyntaxError from format plugins, ValueError from some decoders' setup
@@ -241,16 +246,27 @@ class CpuBudget:
 
 
 class _BudgetedReader(io.BytesIO):
-    """The image's bytes as Pillow reads them, piece by piece, in its parsers and decoders: each read first checks
-    the thread's CPU time, so a decode past its budget stops at its next read with DecodeBudgetError."""
+    """The image's bytes as Pillow reads them, piece by piece, in its parsers and decoders: a decoder's read (a block,
+    or all that is left) and every _SMALL_READS_PER_CHECK-th small read of a parser first check the thread's CPU
+    time, so a decode past its budget stops soon after with DecodeBudgetError.
+
+    Reading the thread's CPU time is a system call (no vDSO clock has it): checking on each of the 38 reads of a
+    photo's JPEG header was 39 of a worker's 54 system calls a request. A small read returns at most that many bytes,
+    and what a parser or decoder does with them is bounded by them (a marker, a chunk, a compressed run)."""
 
     def __init__(self, data: bytes, deadline: float, budget: float):
         super().__init__(data)
         self.deadline = deadline
         self.budget = budget
+        self.small_reads = 0
 
     def read(self, size: int | None = -1) -> bytes:
-        if time.thread_time() > self.deadline:
+        if size is not None and 0 <= size < _CHECKED_READ_BYTES:
+            self.small_reads += 1
+            checked = self.small_reads % _SMALL_READS_PER_CHECK == 0
+        else:
+            checked = True
+        if checked and time.thread_time() > self.deadline:
             raise DecodeBudgetError(f"decoding the image took over its CPU time budget of {self.budget:g} s")
         return super().read(size)
 

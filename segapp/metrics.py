@@ -60,6 +60,7 @@ class Metrics:
             self.folder.enter()
         # In multiprocess mode metrics belong to no registry: their values are in files, read at scrape time.
         self.registry = None if self.multiprocess_dir else CollectorRegistry()
+        self._children = {}
         registry = self.registry
         # Where prometheus_client maps files for values (PROMETHEUS_MULTIPROC_DIR was set when it was imported: every
         # uWSGI worker), they are mapped by segapp.metrics_files instead, which reserves their space first. Values of
@@ -115,16 +116,26 @@ class Metrics:
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one answered request and its duration."""
-        self.requests.labels(route, method, str(status)).inc()
-        self.request_seconds.labels(route).observe(seconds)
+        self._child(self.requests, route, method, str(status)).inc()
+        self._child(self.request_seconds, route).observe(seconds)
 
     def observe_inference(self, timings: Mapping[str, float], pixels: int | None, model: str, version: str) -> None:
         """Record the stage durations (seconds by stage name) and the size of one image segmented (None: no image,
         a batch's encoding) by `model` `version`."""
         for stage, seconds in timings.items():
-            self.stage_seconds.labels(stage, model, version).observe(seconds)
+            self._child(self.stage_seconds, stage, model, version).observe(seconds)
         if pixels is not None:
-            self.image_pixels.labels(model, version).observe(pixels)
+            self._child(self.image_pixels, model, version).observe(pixels)
+
+    def _child(self, metric, *labels: str):
+        """`metric.labels(*labels)`, kept: prometheus_client checks and converts the labels, under a lock, on each
+        call (7 calls a request were 10 us of a worker's CPU; bench/app_overhead.py). The labels' values are
+        bounded (the module's docstring), so are the children kept."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def set_model(self, card: Mapping) -> None:
         """Publish the model's name, version and engine."""

@@ -29,6 +29,9 @@ def choose_format(request: Request, default: str) -> str:
                 HTTPBadRequest, "bad_format", f"format {asked!r} is not one of {', '.join(MEDIA_TYPES)}"
             )
         return asked
+    accept = request.environ.get("HTTP_ACCEPT")
+    if accept is None or accept == "*/*":  # most clients (curl, requests, browsers' fetch): no parse needed
+        return default
     by_type = {}
     for name in [default, *NEGOTIATED]:
         by_type.setdefault(MEDIA_TYPES[name], name)
