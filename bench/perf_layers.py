@@ -2,6 +2,7 @@
 library, in CPU ms a request.
 
     PATH=$PATH:/usr/sbin .venv/bin/python -m bench.perf_layers [--seconds 10] [--concurrency 8] [--size 500x375]
+                                                               [--baseline REF]
 
 Needs perf (Debian's linux-perf) and root, or kernel.perf_event_paranoid <= 0. Two loads, one after the other, each
 sampled machine-wide for `--seconds` by the cpu-clock software event (no hardware counters needed, so it works in a
@@ -15,7 +16,8 @@ VM) once it runs steadily:
 Each sample is charged to its process (the app, uWSGI's workers, nginx, wrk, the rest) and library (the engine,
 the interpreter, the image codecs, NumPy, the upsampler, libc, the kernel, uWSGI's and nginx's own code); a share of
 the samples times the machine's CPUs over the requests a second is CPU ms a request. The same library costing the
-same in both is the pipeline; what the stack adds is in its own rows.
+same in both is the pipeline; what the stack adds is in its own rows. `--baseline REF`: REF's stack (a git worktree)
+is measured too, right after this checkout's, and shown beside it.
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from contextlib import ExitStack
 from pathlib import Path
 
 from bench.images import make_image
 from bench.load import wrk
 from bench.profile_request import in_process
-from bench.stack import Stack
+from bench.run import worktree
+from bench.stack import ROOT, Stack
 
 # Library groups, by a part of the shared object's name (the first that matches).
 LIBRARIES = (
@@ -100,36 +104,47 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--size", default="500x375")
+    parser.add_argument("--baseline", metavar="REF", help="measure REF's stack too, after this checkout's")
     args = parser.parse_args(argv)
     width, height = (int(side) for side in args.size.split("x"))
     load_seconds = WARM_UP_S + args.seconds + 4
     env = {"SEGAPP_PROCESSES": "2", "SEGAPP_THREADS": "1", "SEGAPP_NGINX_RATE": "100000r/s",
            "SEGAPP_NGINX_BURST": "100000", "SEGAPP_NGINX_MAX_INFLIGHT_PER_CLIENT": "65535",
            "SEGAPP_MAX_REQUESTS": "1000000"}
-    with tempfile.TemporaryDirectory(prefix="segapp-perf-") as scratch:
+    stacks = {}
+    with tempfile.TemporaryDirectory(prefix="segapp-perf-") as scratch, ExitStack() as trees:
         image = make_image(Path(scratch), width, height)
         data = image.read_bytes()
         # The spawned processes load their engines within the warm-up, then run flat out for the rest.
         alone, alone_shares = while_running(lambda: in_process(data, "", 2, 1, load_seconds - 3), args.seconds,
                                             Path(scratch) / "in-process.data")
-        with Stack.start(Path(scratch) / "run", env) as stack:
-            wrk(stack.url + "/infer", image, args.concurrency, 3)
-            served, stack_shares = while_running(
-                lambda: wrk(stack.url + "/infer", image, args.concurrency, load_seconds), args.seconds,
-                Path(scratch) / "stack.data")
+        roots = {"stack": ROOT}
+        if args.baseline:
+            roots[f"stack at {args.baseline}"] = trees.enter_context(worktree(args.baseline, Path(scratch) / "base"))
+        for name, root in roots.items():
+            # The workers import the tree's own segapp (bench.run.stack_env says why).
+            with Stack.start(Path(scratch) / f"run-{len(stacks)}", {**env, "PYTHONPATH": str(root)},
+                             root=root) as stack:
+                wrk(stack.url + "/infer", image, args.concurrency, 3)
+                served, shares = while_running(
+                    lambda stack=stack: wrk(stack.url + "/infer", image, args.concurrency, load_seconds),
+                    args.seconds, Path(scratch) / f"stack-{len(stacks)}.data")
+            stacks[name] = {"requests_per_s": served["requests_per_s"], "non_2xx": served["non_2xx"],
+                            "ms": per_request(shares, served["requests_per_s"])}
     result = {
         "image": args.size, "concurrency": args.concurrency, "seconds": args.seconds, "nproc": os.cpu_count(),
-        "in_process_requests_per_s": alone["requests_per_s"], "stack_requests_per_s": served["requests_per_s"],
-        "stack_non_2xx": served["non_2xx"],
-        "in_process_ms": per_request(alone_shares, alone["requests_per_s"]),
-        "stack_ms": per_request(stack_shares, served["requests_per_s"]),
+        "in_process_requests_per_s": alone["requests_per_s"],
+        "in_process_ms": per_request(alone_shares, alone["requests_per_s"]), "stacks": stacks,
     }
     print(json.dumps(result, indent=1))
     libraries = [name for name, _ in LIBRARIES] + ["other"]
-    columns = [("in-process app", result["in_process_ms"].get("in-process app", {}))] + [
-        (name, result["stack_ms"].get(name, {})) for name in ("uWSGI workers", "nginx", "wrk", "other processes")]
-    print(f"\nCPU ms a request, {args.size} JPEG: in-process {alone['requests_per_s']} requests/s, stack at "
-          f"c={args.concurrency} {served['requests_per_s']} requests/s\n")
+    columns = [("in-process app", result["in_process_ms"].get("in-process app", {}))]
+    for name, measured in stacks.items():
+        columns += [(f"{name}: {process}", measured["ms"].get(process, {}))
+                    for process in ("uWSGI workers", "nginx", "wrk", "other processes")]
+    print(f"\nCPU ms a request, {args.size} JPEG: in-process {alone['requests_per_s']} requests/s; at "
+          f"c={args.concurrency}: " + ", ".join(f"{name} {measured['requests_per_s']} requests/s"
+                                                 for name, measured in stacks.items()) + "\n")
     print("| library | " + " | ".join(name for name, _ in columns) + " |")
     print("| --- |" + " ---: |" * len(columns))
     for library in libraries:

@@ -153,6 +153,16 @@ def test_workers_do_not_run_as_root(stack, run_as):
     assert (socket_stat.st_uid, socket_stat.st_gid) == (_uid_of(user), _gid_of(user))
 
 
+def test_nginx_runs_under_sched_batch_and_the_workers_do_not(stack):
+    """nginx yields to a busy worker instead of preempting it (uwsgi/local.ini); the workers keep the default policy,
+    so a worker woken by nginx still gets a CPU at once."""
+    workers = set(stack.worker_pids())
+    nginx = [pid for pid in stack.processes() - workers - {stack.process.pid}
+             if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"nginx")]
+    assert len(nginx) >= 2  # its master and its worker
+    assert {os.sched_getscheduler(pid) for pid in nginx} == {os.SCHED_BATCH}
+    assert {os.sched_getscheduler(pid) for pid in workers} == {os.SCHED_OTHER}
+
 def _log_lines_with(stack, request_id: str, pattern: str) -> list[str]:
     """uWSGI's request log lines that carry `request_id` and match `pattern` (written just after the answer)."""
     deadline = time.monotonic() + 10
