@@ -35,6 +35,7 @@ from pathlib import Path
 
 from bench.images import make_image
 from bench.load import wrk
+from bench.peers import STACK_ENV
 from bench.profile_request import in_process
 from bench.run import worktree
 from bench.stack import ROOT, Stack
@@ -108,9 +109,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     width, height = (int(side) for side in args.size.split("x"))
     load_seconds = WARM_UP_S + args.seconds + 4
-    env = {"SEGAPP_PROCESSES": "2", "SEGAPP_THREADS": "1", "SEGAPP_NGINX_RATE": "100000r/s",
-           "SEGAPP_NGINX_BURST": "100000", "SEGAPP_NGINX_MAX_INFLIGHT_PER_CLIENT": "65535",
-           "SEGAPP_MAX_REQUESTS": "1000000"}
     stacks = {}
     with tempfile.TemporaryDirectory(prefix="segapp-perf-") as scratch, ExitStack() as trees:
         image = make_image(Path(scratch), width, height)
@@ -123,7 +121,7 @@ def main(argv=None) -> int:
             roots[f"stack at {args.baseline}"] = trees.enter_context(worktree(args.baseline, Path(scratch) / "base"))
         for name, root in roots.items():
             # The workers import the tree's own segapp (bench.run.stack_env says why).
-            with Stack.start(Path(scratch) / f"run-{len(stacks)}", {**env, "PYTHONPATH": str(root)},
+            with Stack.start(Path(scratch) / f"run-{len(stacks)}", {**STACK_ENV, "PYTHONPATH": str(root)},
                              root=root) as stack:
                 wrk(stack.url + "/infer", image, args.concurrency, 3)
                 served, shares = while_running(

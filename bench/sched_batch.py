@@ -23,11 +23,8 @@ from pathlib import Path
 from bench.images import make_image
 from bench.layers import children_cpu, process_cpu, roles
 from bench.load import wrk
+from bench.peers import STACK_ENV
 from bench.stack import Stack
-
-ENV = {"SEGAPP_PROCESSES": "2", "SEGAPP_THREADS": "1", "SEGAPP_NGINX_RATE": "100000r/s",
-       "SEGAPP_NGINX_BURST": "100000", "SEGAPP_NGINX_MAX_INFLIGHT_PER_CLIENT": "65535",
-       "SEGAPP_MAX_REQUESTS": "1000000"}
 
 
 def context_switches(pids: list[int]) -> int:
@@ -69,7 +66,7 @@ def main(argv=None) -> int:
     rounds = []
     with tempfile.TemporaryDirectory(prefix="segapp-sched-") as scratch:
         image = make_image(Path(scratch), 500, 375)
-        with Stack.start(Path(scratch) / "run", ENV) as stack:
+        with Stack.start(Path(scratch) / "run", STACK_ENV) as stack:
             wrk(stack.url + "/infer", image, args.concurrency, 3)
             grouped = roles(stack)
             for index in range(args.rounds):
