@@ -32,9 +32,12 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
+from bench.engine_alone import segapp_folder, use_tree
 from bench.images import make_image
+from bench.run import worktree
 
 FIGURES = ("handling", "no access line", "no metrics", "decode")
 
@@ -65,8 +68,6 @@ def _round(tree: str | None, data: bytes, requests: int, log_format: str, result
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     if tree:
-        from bench.engine_alone import use_tree
-
         use_tree(tree)
     import segapp.resources as resources
     from segapp.config import Settings
@@ -104,9 +105,7 @@ def _round(tree: str | None, data: bytes, requests: int, log_format: str, result
     metrics.in_flight = _Idle()
     figures["no metrics"] = cpu_us(request)
     figures["decode"] = cpu_us(lambda: decode_image(data, segmenter.max_pixels, draft_size=128))
-    import segapp
-
-    results.put({"segapp": str(Path(segapp.__file__).parent), "figures": figures})
+    results.put({"segapp": segapp_folder(), "figures": figures})
 
 
 def measure(tree: Path | None, data: bytes, requests: int, log_format: str) -> dict:
@@ -130,10 +129,6 @@ def main(argv=None) -> int:
     parser.add_argument("--log-format", default="text", choices=("text", "json"))
     parser.add_argument("--baseline", help="a git revision to measure alternately with this checkout")
     args = parser.parse_args(argv)
-
-    from contextlib import ExitStack
-
-    from bench.run import worktree
 
     with tempfile.TemporaryDirectory() as scratch, ExitStack() as stack:
         data = make_image(Path(scratch), 500, 375).read_bytes()
